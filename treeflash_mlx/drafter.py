@@ -1,0 +1,254 @@
+"""The TreeFlash drafter: a DFlash block drafter (SPEC §2) with an optional AR-approximation head (SPEC §3).
+
+The drafter owns no embedding and no lm_head: block inputs are the target's embeddings of
+``[root, MASK, ..., MASK]`` and logits come from the target's lm_head over ``model.norm(h)``. It reads
+target features (outputs of the target layers ``target_layer_ids``) of every committed position once, keeps
+their K/V in a cache, and drafts a whole block in one non-causal pass.
+
+Parameter names follow the published TreeFlash layout (``model.layers...``, ``ar_approximation...``) so that
+a TreeFlash checkpoint loads as it is and a DFlash one only gains the ``model.`` prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """The published default: the middle layer for one draft layer, else spread over [1, n_target - 3]."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    span = num_target_layers - 4
+    return [int(round(1 + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+
+
+@dataclass
+class DrafterConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    num_target_layers: int
+    mask_token_id: int
+    head_dim: int | None = None
+    block_size: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 40960
+    attention_bias: bool = False
+    target_layer_ids: list[int] = field(default_factory=list)
+    ar_approximation: str | None = None
+    candidate_tokens: int = 16
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not self.target_layer_ids:
+            self.target_layer_ids = default_target_layer_ids(self.num_target_layers, self.num_hidden_layers)
+        if self.ar_approximation not in (None, "swiglu"):
+            raise ValueError(f"ar_approximation must be 'swiglu' or null, got {self.ar_approximation!r}")
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "DrafterConfig":
+        """Read a published TreeFlash/DFlash config.json (or ours): nested or top-level options,
+        ``rope_theta`` or ``rope_parameters``. Raises KeyError naming the first missing required key."""
+        dflash = config.get("dflash_config") or {}
+        treeflash = config.get("treeflash_config") or {}
+        rope = config.get("rope_parameters") or {}
+        rope_scaling = config.get("rope_scaling")
+        if rope_scaling is None and rope.get("rope_type", "default") != "default":
+            rope_scaling = rope
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        for key in required:
+            if key not in config:
+                raise KeyError(key)
+        mask_token_id = dflash.get("mask_token_id", config.get("mask_token_id"))
+        if mask_token_id is None:
+            raise KeyError("dflash_config.mask_token_id")
+        layer_ids = dflash.get("target_layer_ids", config.get("target_layer_ids")) or []
+        num_target_layers = config.get("num_target_layers")
+        if num_target_layers is None:
+            if not layer_ids:
+                raise KeyError("num_target_layers")
+            num_target_layers = max(layer_ids) + 1
+        return cls(
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=config["num_attention_heads"],
+            num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            num_target_layers=num_target_layers,
+            mask_token_id=int(mask_token_id),
+            head_dim=config.get("head_dim"),
+            block_size=config.get("block_size", 16),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 1_000_000.0,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=config.get("max_position_embeddings", 40960),
+            attention_bias=bool(config.get("attention_bias", False)),
+            target_layer_ids=list(layer_ids),
+            ar_approximation=treeflash.get("ar_approximation", config.get("ar_approximation")),
+            candidate_tokens=treeflash.get("candidate_tokens", config.get("candidate_tokens", 16)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The published TreeFlash config layout, every option explicit."""
+        return {
+            "architectures": ["TreeFlashDraftModel" if self.ar_approximation else "DFlashDraftModel"],
+            "model_type": "qwen3",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "block_size": self.block_size,
+            "num_target_layers": self.num_target_layers,
+            "dflash_config": {"target_layer_ids": self.target_layer_ids, "mask_token_id": self.mask_token_id},
+            "treeflash_config": {
+                "ar_approximation": self.ar_approximation,
+                "candidate_tokens": self.candidate_tokens,
+            },
+        }
+
+
+class Attention(nn.Module):
+    """Block queries attend, without a causal mask, to the cached context K/V and to the block's own K/V."""
+
+    def __init__(self, args: DrafterConfig):
+        super().__init__()
+        dim, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.scale = hd**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.rope = initialize_rope(
+            hd,
+            base=args.rope_theta,
+            traditional=False,
+            scaling_config=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def _keys_values(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
+        B, L, _ = x.shape
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return self.rope(k, offset=offset), v
+
+    def append_context(self, ctx: mx.array, cache: KVCache) -> None:
+        cache.update_and_fetch(*self._keys_values(ctx, cache.offset))
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        B, L, _ = x.shape
+        start = cache.offset  # the root's position: the cache holds exactly the committed prefix
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=start)
+        k, v = self._keys_values(x, start)
+        ctx_k, ctx_v = cache.keys_and_values()
+        k = mx.concatenate([ctx_k, k], axis=2)
+        v = mx.concatenate([ctx_v, v], axis=2)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: DrafterConfig):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: DrafterConfig):
+        super().__init__()
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.fc = nn.Linear(len(args.target_layer_ids) * args.hidden_size, args.hidden_size, bias=False)
+        self.hidden_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class ARApproximation(nn.Module):
+    """SwiGLU correction of the depth-d hidden state given the depth-(d-1) token (SPEC §3)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.ug = nn.Linear(2 * hidden_size, 2 * intermediate_size, bias=True)
+        self.d = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+
+    def __call__(self, prev_embedding: mx.array, normed_hidden: mx.array) -> mx.array:
+        u, g = mx.split(self.ug(mx.concatenate([self.norm(prev_embedding), normed_hidden], axis=-1)), 2, axis=-1)
+        return self.d(nn.silu(g) * u)
+
+
+class Drafter(nn.Module):
+    def __init__(self, args: DrafterConfig):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        if args.ar_approximation == "swiglu":
+            self.ar_approximation = ARApproximation(args.hidden_size, args.intermediate_size)
+
+    @property
+    def has_head(self) -> bool:
+        return "ar_approximation" in self
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.layers]
+
+    def append_context(self, features: mx.array, cache: list[KVCache]) -> None:
+        """Cache the context K/V of newly committed positions; ``features`` is (1, n, len(ids) * hidden)."""
+        ctx = self.model.hidden_norm(self.model.fc(features))
+        for layer, c in zip(self.model.layers, cache):
+            layer.self_attn.append_context(ctx, c)
+
+    def __call__(self, block_embeddings: mx.array, cache: list[KVCache]) -> mx.array:
+        """One block pass; returns the pre-norm hidden states (1, B, hidden). Block K/V are not cached."""
+        h = block_embeddings
+        for layer, c in zip(self.model.layers, cache):
+            h = layer(h, c)
+        return h
+
+    def correct(self, hidden: mx.array, prev_embedding: mx.array) -> mx.array:
+        """The head: ``h + d(silu(g) * u)``, still pre-norm; ``hidden`` broadcasts over candidate rows."""
+        hidden = mx.broadcast_to(hidden, prev_embedding.shape)
+        return hidden + self.ar_approximation(prev_embedding, self.model.norm(hidden))

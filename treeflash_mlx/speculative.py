@@ -1,0 +1,238 @@
+"""The speculative decoding loop: load → prefill → per round: draft → verify → accept → commit → emit.
+
+The API mirrors mlx-lm: ``load``, ``stream_generate`` yielding ``GenerationResponse``s, ``generate``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .checkpoints import MODEL_FILES, load_drafter, resolve, validate
+from .drafter import Drafter
+from .drafting import MODES, DraftOptions, draft
+from .sampling import LogitsProcessor, Sampler, accept, greedy, node_logprobs
+from .target import Target, compact
+from .tree import root_only
+
+PREFILL_STEP = 2048
+
+
+@dataclass
+class GenerationResponse:
+    """One generated token, as mlx-lm's, plus what the speculative round that committed it achieved.
+
+    ``from_draft``: the token was a drafted token the target accepted (False for each round's bonus token).
+    ``round``: 0 for the token sampled after the prompt, then 1, 2, ... per verification pass.
+    ``acceptance_length``: tokens committed by that round (τ; 1 for round 0).
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    round: int
+    acceptance_length: int
+    finish_reason: str | None = None
+
+
+def load(
+    model: str, drafter: str | None = None, tokenizer_config: dict | None = None
+) -> tuple[nn.Module, TokenizerWrapper, Drafter | None]:
+    """Load an mlx-lm target and (optionally) a drafter for it, checking that they fit together."""
+    from mlx_lm.utils import load as mlx_load
+
+    model_path = resolve(model, MODEL_FILES, "model")
+    try:
+        target_model, tokenizer = mlx_load(str(model_path), tokenizer_config=tokenizer_config)
+    except Exception as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load model '{model}': {message}") from None
+    target_model.model_path = model_path
+    target = Target(target_model)
+    if drafter is None:
+        return target_model, tokenizer, None
+    dtype = target.embed_tokens.weight.dtype
+    if not mx.issubdtype(dtype, mx.floating):  # quantized embedding: use its scales' dtype
+        dtype = target.embed_tokens.scales.dtype
+    draft_model, drafter_path = load_drafter(drafter, dtype=dtype)
+    validate(draft_model.args, target)
+    draft_model.path = drafter_path
+    return target_model, tokenizer, draft_model
+
+
+def _check_options(opts: DraftOptions, drafter: Drafter | None, max_tokens: int) -> DraftOptions:
+    if opts.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
+    if opts.mode != "ar" and drafter is None:
+        raise ValueError(f"mode '{opts.mode}' needs a drafter; pass one or use mode 'ar'")
+    if opts.mode == "treeflash" and drafter is not None and not drafter.has_head:
+        raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head; use 'marginal' or 'chain'")
+    for name in ("tree_size", "top_m", "top_k"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(opts, name)}")
+    if not opts.temperature > 0:
+        raise ValueError(f"drafter temperature must be > 0, got {opts.temperature}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    return opts
+
+
+def default_mode(drafter: Drafter | None) -> str:
+    if drafter is None:
+        return "ar"
+    return "treeflash" if drafter.has_head else "marginal"
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: str | Sequence[int] | mx.array,
+    drafter: Drafter | None = None,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    mode: str | None = None,
+    tree_size: int = 64,
+    top_m: int = 16,
+    top_k: int = 16,
+    drafter_temp: float = 1.0,
+    stop_strings: Sequence[str] = (),
+) -> Generator[GenerationResponse, None, None]:
+    """Generate from ``prompt`` exactly as the target alone would (in distribution; greedy: token for token).
+
+    ``sampler`` and ``logits_processors`` follow mlx-lm (``make_sampler``, ``make_logits_processors``);
+    processors see, for each tree node, the committed tokens and that node's own path as history.
+    """
+    opts = _check_options(DraftOptions(mode or default_mode(drafter), tree_size, top_m, top_k, drafter_temp),
+                          drafter, max_tokens)
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    if isinstance(prompt, str):
+        prompt = tokenizer.encode(prompt)
+    prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token")
+    target = Target(model)
+    if target.max_context is not None and len(prompt) >= target.max_context:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens but the model's context is {target.max_context}; shorten it"
+        )
+    limit = max_tokens if target.max_context is None else min(max_tokens, target.max_context - len(prompt))
+    sampler = sampler or greedy
+    use_drafter = opts.mode != "ar"
+    capture = drafter.args.target_layer_ids if use_drafter else []
+    t_cache = target.make_cache()
+    d_cache = drafter.make_cache() if use_drafter else None
+
+    tic = time.perf_counter()
+    for i in range(0, len(prompt), PREFILL_STEP):  # prefill; every chunk's features go straight to the drafter
+        chunk = prompt[i : i + PREFILL_STEP]
+        logits, feats = target.forward(mx.array(chunk), t_cache, capture, last_only=True)
+        if use_drafter:
+            drafter.append_context(feats[None], d_cache)
+        mx.eval(logits, [c.state for c in t_cache + (d_cache or [])])
+    logprobs = node_logprobs(logits, root_only(prompt[-1]), prompt, logits_processors)
+    root = int(sampler(logprobs).item())
+    prompt_tps = len(prompt) / (time.perf_counter() - tic)
+
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    stop_ids = set(tokenizer.eos_token_ids)
+    history = list(prompt)
+    text, shown = "", 0
+    generated, round_index = 0, 0
+    tic = time.perf_counter()
+    new = [(root, logprobs[0], False)]
+    while True:
+        for token, token_logprobs, from_draft in new:
+            generated += 1
+            history.append(token)
+            finish = None
+            if token in stop_ids:
+                finish = "stop"
+            else:
+                detokenizer.add_token(token)
+            if finish is None and generated >= limit:
+                finish = "length"
+            if finish:
+                detokenizer.finalize()
+            text = detokenizer.text
+            hit = [text.find(s, max(0, shown - len(s))) for s in stop_strings]
+            hit = [h for h in hit if h >= 0]
+            if hit:
+                text, finish = text[: min(hit)], "stop"
+            # Hold back text that could still become a stop string.
+            safe = len(text) if finish else max(shown, len(text) - max((len(s) - 1 for s in stop_strings), default=0))
+            segment, shown = text[shown:safe], safe
+            yield GenerationResponse(
+                text=segment,
+                token=token,
+                logprobs=token_logprobs,
+                from_draft=from_draft,
+                prompt_tokens=len(prompt),
+                prompt_tps=prompt_tps,
+                generation_tokens=generated,
+                generation_tps=generated / (time.perf_counter() - tic),
+                peak_memory=mx.get_peak_memory() / 1e9,
+                round=round_index,
+                acceptance_length=len(new),
+                finish_reason=finish,
+            )
+            if finish:
+                return
+
+        round_index += 1
+        start = t_cache[0].offset  # the root's position: the cache holds everything before it
+        tree = draft(drafter, target, root, d_cache, opts) if use_drafter else root_only(root)
+        logits, feats = target.forward(
+            mx.array(tree.tokens), t_cache, capture, positions=start + tree.depths, parents_mask=tree.ancestor_mask()
+        )
+        logprobs = node_logprobs(logits, tree, history, logits_processors)
+        samples = np.array(sampler(logprobs))
+        path, root = accept(tree, samples)
+        compact(t_cache, start, path)
+        if use_drafter:
+            drafter.append_context(feats[mx.array(path)][None], d_cache)
+        new = [(int(tree.tokens[n]), logprobs[p], True) for p, n in zip(path, path[1:])]
+        new.append((root, logprobs[path[-1]], False))
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: str | Sequence[int],
+    drafter: Drafter | None = None,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generate a complete response; with ``verbose``, stream it and print speed and acceptance."""
+    text, last, rounds = "", None, {}
+    for response in stream_generate(model, tokenizer, prompt, drafter, **kwargs):
+        text += response.text
+        if verbose:
+            print(response.text, end="", flush=True)
+        rounds[response.round] = response.acceptance_length
+        last = response
+    if verbose and last is not None:
+        taus = [v for k, v in rounds.items() if k > 0]
+        print("\n" + "=" * 10)
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+        if taus:
+            print(f"Acceptance: {sum(taus) / len(taus):.2f} tokens per target pass over {len(taus)} rounds")
+        print(f"Peak memory: {last.peak_memory:.3f} GB")
+    return text

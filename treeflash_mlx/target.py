@@ -1,0 +1,114 @@
+"""Tree forward passes over an mlx-lm target, feature capture and KV compaction (SPEC §5).
+
+mlx-lm's ``Model.__call__`` takes no mask, gives RoPE one offset per call and returns no hidden states, so
+this module runs the target's own layers itself: same weights, same modules (quantized ones included),
+with per-token positions, an ancestor mask, and the outputs of the layers the drafter reads.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
+
+SUPPORTED_FAMILIES = ("qwen3", "qwen2", "llama")
+
+
+class Target:
+    """An mlx-lm model of a supported family, seen as layers the speculative loop can drive."""
+
+    def __init__(self, model: nn.Module):
+        family = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"target model family {family!r} is not supported; use one of {', '.join(SUPPORTED_FAMILIES)}"
+            )
+        if any(getattr(layer, "use_sliding", False) for layer in model.model.layers):
+            raise ValueError("target models with sliding-window attention layers are not supported")
+        self.model = model
+        self.family = family
+        self.layers = model.model.layers
+        self.embed_tokens = model.model.embed_tokens
+        args = model.args
+        self.hidden_size: int = args.hidden_size
+        self.vocab_size: int = args.vocab_size
+        self.max_context: int | None = getattr(args, "max_position_embeddings", None)
+
+    def lm_head(self, normed: mx.array) -> mx.array:
+        if "lm_head" in self.model:
+            return self.model.lm_head(normed)
+        return self.embed_tokens.as_linear(normed)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def _attention(self, attn, x, mask, cache, positions):
+        B, L, _ = x.shape
+        q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
+        k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+        v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "q_norm" in attn:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if positions is None:  # contiguous positions: one offset for the whole call
+            q = attn.rope(q.transpose(0, 2, 1, 3), offset=cache.offset)
+            k = attn.rope(k.transpose(0, 2, 1, 3), offset=cache.offset)
+        else:  # one position per token: put tokens on the batch axis, where RoPE takes one offset per row
+            q = attn.rope(q.transpose(1, 2, 0, 3), offset=positions).transpose(2, 1, 0, 3)
+            k = attn.rope(k.transpose(1, 2, 0, 3), offset=positions).transpose(2, 1, 0, 3)
+        k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+        return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def forward(
+        self,
+        tokens: mx.array,
+        cache: list[KVCache],
+        capture: list[int] = (),
+        positions: np.ndarray | None = None,
+        parents_mask: np.ndarray | None = None,
+        last_only: bool = False,
+    ) -> tuple[mx.array, mx.array | None]:
+        """Run ``tokens`` (n,) after the cached prefix; returns logits (n, V) and features (n, F) or None.
+
+        Without ``positions`` the tokens follow the prefix causally (prefill, chains). With them, token i
+        sits at ``positions[i]`` and sees the whole prefix plus the nodes ``parents_mask[i]`` marks.
+        """
+        n = tokens.shape[0]
+        offset = cache[0].offset
+        if positions is None:
+            mask = "causal" if n > 1 else None
+            rope_positions = None
+        else:
+            full = np.ones((n, offset + n), dtype=bool)
+            full[:, offset:] = parents_mask
+            mask = mx.array(full)[None, None]
+            rope_positions = mx.array(positions.astype(np.int32))
+        h = self.embed_tokens(tokens[None])
+        features = []
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), mask, c, rope_positions)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if i in capture:
+                features.append(h)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(self.model.model.norm(h))[0]
+        if not capture:
+            return logits, None
+        order = sorted(capture)
+        return logits, mx.concatenate([features[order.index(i)] for i in capture], axis=-1)[0]
+
+
+def compact(cache: list[KVCache], start: int, keep: list[int]) -> None:
+    """Keep only the K/V of tree nodes ``keep`` (indices after ``start``), moved to ``start, start+1, ...``."""
+    n = len(keep)
+    if keep != list(range(n)):
+        index = mx.array(keep) + start
+        for c in cache:
+            for buf in (c.keys, c.values):
+                for part in buf if isinstance(buf, tuple) else (buf,):
+                    part[..., start : start + n, :] = part[..., index, :]
+    for c in cache:
+        c.offset = start + n
