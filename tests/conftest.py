@@ -102,8 +102,7 @@ def tiny_drafter(
 
 def save_target(model: nn.Module, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    config = dict(model.config_dict, eos_token_id=256)
-    (path / "config.json").write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps(model.config_dict))
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     byte_tokenizer().save_pretrained(str(path))
     return path

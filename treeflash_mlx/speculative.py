@@ -228,11 +228,18 @@ def generate(
         rounds[response.round] = response.acceptance_length
         last = response
     if verbose and last is not None:
-        taus = [v for k, v in rounds.items() if k > 0]
-        print("\n" + "=" * 10)
-        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
-        if taus:
-            print(f"Acceptance: {sum(taus) / len(taus):.2f} tokens per target pass over {len(taus)} rounds")
-        print(f"Peak memory: {last.peak_memory:.3f} GB")
+        print("\n" + summary(last, [v for k, v in rounds.items() if k > 0]))
     return text
+
+
+def summary(last: GenerationResponse, taus: list[int]) -> str:
+    """The closing lines of a verbose run, as mlx-lm prints them, plus the acceptance."""
+    lines = [
+        "=" * 10,
+        f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec",
+    ]
+    if taus:
+        lines.append(f"Acceptance: {sum(taus) / len(taus):.2f} tokens per target pass over {len(taus)} rounds")
+    lines.append(f"Peak memory: {last.peak_memory:.3f} GB")
+    return "\n".join(lines)

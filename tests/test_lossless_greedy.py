@@ -1,0 +1,85 @@
+"""Greedy TreeFlash decoding is plain greedy decoding: token for token, every family, drafter kind and mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import mlx_lm_greedy, random_prompts, tiny_drafter, tiny_target
+
+import treeflash_mlx.speculative as speculative
+from treeflash_mlx import stream_generate
+from treeflash_mlx.tree import DraftTree
+
+N_PROMPTS, N_TOKENS = 20, 64
+
+
+@pytest.fixture(scope="module", params=["qwen3", "qwen2", "llama"])
+def family_case(request):
+    target = tiny_target(request.param)
+    prompts = random_prompts(N_PROMPTS, seed=3)
+    return target, prompts, [mlx_lm_greedy(target, p, N_TOKENS) for p in prompts]
+
+
+CASES = [(True, "treeflash"), (True, "marginal"), (True, "chain"), (True, "ar"),
+         (False, "marginal"), (False, "chain"), (False, "ar")]
+
+
+@pytest.mark.parametrize("head,mode", CASES, ids=[f"{'head' if h else 'dflash'}-{m}" for h, m in CASES])
+def test_random_drafter_matches_mlx_lm_greedy(family_case, tokenizer, head, mode):
+    target, prompts, expected = family_case
+    drafter = tiny_drafter(target, head=head)
+    for prompt, reference in zip(prompts, expected):
+        out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode)]
+        assert out == reference
+
+
+def oracle_draft(truth: list[int], rng: np.random.Generator, block: int = 8):
+    """A test double for `draft`: the target's true continuation, with decoy branches placed before the true
+    node (so accepted paths are not contiguous in node order) and now and then a corrupted token."""
+
+    def fake_draft(drafter, target, root, cache, opts):
+        start = cache[0].offset  # the drafter cache holds exactly the committed prefix
+        tokens, parents, depths, cur = [root], [-1], [0], 0
+        for depth, token in enumerate(truth[start + 1 : start + block], start=1):
+            if rng.random() < 0.4:  # a decoy sibling (with a child of its own) ahead of the true node
+                tokens += [(token + 1) % 255, token]
+                parents += [cur, len(tokens) - 2]
+                depths += [depth, depth + 1]
+            if rng.random() < 0.08:
+                token = (token + 7) % 255
+            tokens.append(token)
+            parents.append(cur)
+            depths.append(depth)
+            cur = len(tokens) - 1
+        return DraftTree(np.array(tokens), np.array(parents), np.array(depths))
+
+    return fake_draft
+
+
+def test_mostly_right_drafter_exercises_long_paths_and_compaction(tokenizer, monkeypatch):
+    target = tiny_target("qwen3", seed=5)
+    drafter = tiny_drafter(target)
+    rng = np.random.default_rng(0)
+    taus = []
+    for prompt in random_prompts(N_PROMPTS, seed=11):
+        reference = mlx_lm_greedy(target, prompt, N_TOKENS)
+        monkeypatch.setattr(speculative, "draft", oracle_draft(prompt + reference, rng))
+        responses = list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS))
+        assert [r.token for r in responses] == reference
+        taus += [r.acceptance_length for r in responses if r.round > 0 and not r.from_draft]
+    assert np.mean(taus) > 3.5, "the oracle should make long acceptances"
+    assert max(taus) == 8, "some round should accept every depth of the block"
+
+
+def test_bonus_and_draft_flags_and_rounds(tokenizer, monkeypatch):
+    target = tiny_target("qwen3", seed=5)
+    prompt = random_prompts(1, seed=2)[0]
+    reference = mlx_lm_greedy(target, prompt, 32)
+    monkeypatch.setattr(speculative, "draft", oracle_draft(prompt + reference, np.random.default_rng(1)))
+    responses = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=32))
+    assert responses[0].round == 0 and not responses[0].from_draft
+    for r in range(1, responses[-1].round):
+        tokens = [x for x in responses if x.round == r]
+        assert len(tokens) == tokens[0].acceptance_length
+        assert [x.from_draft for x in tokens] == [True] * (len(tokens) - 1) + [False]
+    assert responses[-1].finish_reason == "length" and len(responses) == 32

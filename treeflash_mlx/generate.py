@@ -1,0 +1,129 @@
+"""Command line: ``python -m treeflash_mlx.generate --model M --drafter D --prompt "..."`` (flags as mlx-lm's)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import _blas  # noqa: F401  (before mlx)
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: E402
+
+from .drafting import MODES  # noqa: E402
+from .speculative import default_mode, load, stream_generate, summary  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m treeflash_mlx.generate",
+        description="Lossless TreeFlash speculative generation with an mlx-lm target and a block drafter.",
+    )
+    p.add_argument("--model", required=True, help="target: local mlx-lm/Hugging Face directory or hub repo id")
+    p.add_argument("--drafter", default=None, help="drafter directory or hub repo id (TreeFlash or DFlash)")
+    p.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from stdin")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--repetition-context-size", type=int, default=20)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="drafting: treeflash (needs a head; default then), marginal (default for DFlash), chain, ar")
+    p.add_argument("--tree-size", type=int, default=64, help="tree node budget, root included")
+    p.add_argument("--draft-top-m", type=int, default=16, help="candidate previous tokens per depth for the head")
+    p.add_argument("--draft-top-k", type=int, default=16, help="branching: children kept per table row")
+    p.add_argument("--draft-temp", type=float, default=1.0, help="drafter temperature (tree scores only)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--verbose", action="store_true", help="print speed and acceptance after the text")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.temp < 0:
+        raise ValueError(f"--temp must be >= 0, got {args.temp}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.min_p <= 1:
+        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+
+
+def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text:
+        raise ValueError("the prompt is empty; pass text with --prompt (or pipe it with --prompt -)")
+    if args.ignore_chat_template or tokenizer.chat_template is None:
+        return tokenizer.encode(text)
+    messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_args(args)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    model, tokenizer, drafter = load(args.model, args.drafter)
+    prompt = prompt_tokens(tokenizer, args)
+    mode = args.mode or default_mode(drafter)
+    responses = stream_generate(
+        model, tokenizer, prompt, drafter,
+        max_tokens=args.max_tokens,
+        sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
+        logits_processors=make_logits_processors(None, args.repetition_penalty, args.repetition_context_size),
+        mode=mode, tree_size=args.tree_size, top_m=args.draft_top_m, top_k=args.draft_top_k,
+        drafter_temp=args.draft_temp, stop_strings=args.stop,
+    )
+    text, tokens, rounds, last = "", [], {}, None
+    for response in responses:
+        if not args.json:
+            print(response.text, end="", flush=True)
+        text += response.text
+        tokens.append(response.token)
+        rounds[response.round] = response.acceptance_length
+        last = response
+    taus = [tau for r, tau in rounds.items() if r > 0]
+    mean_tau = sum(taus) / len(taus) if taus else None
+    if args.json:
+        print(json.dumps({
+            "text": text,
+            "tokens": tokens,
+            "acceptance_lengths": taus,
+            "mean_acceptance_length": mean_tau,
+            "prompt_tps": last.prompt_tps,
+            "generation_tps": last.generation_tps,
+            "peak_memory_gb": last.peak_memory,
+            "mode": mode,
+            "model_path": str(model.model_path),
+            "drafter_path": str(drafter.path) if drafter is not None else None,
+        }))
+        return
+    print()
+    if args.verbose:
+        print(summary(last, taus))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
