@@ -113,3 +113,10 @@ def test_empty_or_impossible_tables_give_the_root_alone():
     tokens = np.array([[[1, 2]]])
     assert len(best_first(0, tokens, np.full((1, 1, 2), -np.inf), np.zeros_like(tokens), 8)) == 1
     assert len(best_first(0, np.zeros((0, 1, 2), int), np.zeros((0, 1, 2)), np.zeros((0, 1, 2), int), 8)) == 1
+
+
+def test_is_chain():
+    assert chain(1, np.array([2, 3])).is_chain and root_only(4).is_chain
+    tokens = np.array([[[10, 11]], [[20, 21]]])
+    tree = best_first(0, tokens, L(np.full((2, 1, 2), 0.5)), np.zeros_like(tokens), 4)
+    assert not tree.is_chain

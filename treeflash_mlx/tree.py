@@ -26,6 +26,11 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def is_chain(self) -> bool:
+        """One path: verification can then run causally with contiguous positions (the fast path)."""
+        return bool(np.array_equal(self.parents, np.arange(len(self)) - 1))
+
     def ancestor_mask(self) -> np.ndarray:
         """(n, n) bool: node i sees exactly its ancestors and itself."""
         n = len(self)
