@@ -1,6 +1,6 @@
 """Drafter checkpoints: finding them (local or Hugging Face), reading the published layouts, validation.
 
-Layouts read directly (SPEC §6), safetensors single or sharded:
+Layouts read directly (SPEC §6), safetensors or PyTorch .bin, single or sharded:
 - TreeFlash: backbone keys under ``model.``, head keys under ``ar_approximation.``;
 - DFlash: the same backbone keys without the ``model.`` prefix, no head;
 - ours (written by the converter): the TreeFlash layout, optionally mlx-quantized (``quantization`` in config).
@@ -17,8 +17,8 @@ from mlx.utils import tree_flatten
 
 from .drafter import Drafter, DrafterConfig
 from .target import Target
+from .torch_pickle import load_bin
 
-DRAFTER_FILES = ["*.json", "*.safetensors"]
 MODEL_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
@@ -44,7 +44,16 @@ def resolve(path_or_repo: str, allow_patterns: list[str], what: str) -> Path:
         ) from None
 
 
-def read_config(path: Path) -> DrafterConfig:
+def resolve_drafter(path_or_repo: str) -> Path:
+    """Like ``resolve``; from the hub only the safetensors are fetched, or the .bin files when there are none."""
+    path = resolve(path_or_repo, ["*.json", "*.safetensors"], "drafter")
+    if not any(path.glob("*.safetensors")) and not Path(path_or_repo).expanduser().is_dir():
+        path = resolve(path_or_repo, ["*.json", "*.bin"], "drafter")
+    return path
+
+
+def read_config(path: Path) -> tuple[DrafterConfig, dict]:
+    """The parsed config and the raw JSON (which may carry extra keys such as ``quantization``)."""
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"drafter directory '{path}' has no config.json")
@@ -53,26 +62,39 @@ def read_config(path: Path) -> DrafterConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"drafter config '{file}' is not valid JSON ({err})") from None
     try:
-        return DrafterConfig.from_dict(raw)
+        return DrafterConfig.from_dict(raw), raw
     except KeyError as err:
         raise ValueError(f"drafter config '{file}' lacks the required key {err.args[0]!r}") from None
     except (TypeError, ValueError) as err:
         raise ValueError(f"drafter config '{file}' is invalid: {err}") from None
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """All tensors of a safetensors checkpoint (single file or shards), keys as stored."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        hint = " (a PyTorch .bin checkpoint: convert it to safetensors first)" if any(path.glob("*.bin")) else ""
-        raise FileNotFoundError(f"drafter directory '{path}' has no .safetensors weights{hint}")
-    weights: dict[str, mx.array] = {}
-    for file in files:
-        try:
-            weights.update(mx.load(str(file)))
-        except Exception as err:
-            raise ValueError(f"drafter weights '{file}' cannot be read ({err}); the file is corrupt or truncated") from None
-    return weights
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: safetensors preferred, else PyTorch .bin; shards as the index lists them."""
+    for index, pattern in (("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "*.bin")):
+        if (path / index).is_file():
+            try:
+                names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise ValueError(f"shard index '{path / index}' is not a valid weight_map index") from None
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"shard '{missing[0]}' listed in '{path / index}' is missing")
+            return [path / n for n in names]
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(f"drafter directory '{path}' has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def read_shard(file: Path) -> dict[str, mx.array]:
+    """One weight file, keys as stored. A .bin is read without running code from it."""
+    if file.suffix == ".bin":
+        return load_bin(file)
+    try:
+        return mx.load(str(file))
+    except Exception as err:
+        raise ValueError(f"drafter weights '{file}' cannot be read ({err}); the file is corrupt or truncated") from None
 
 
 def to_treeflash_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -80,33 +102,42 @@ def to_treeflash_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return {k if k.startswith(("model.", "ar_approximation.")) else f"model.{k}": v for k, v in weights.items()}
 
 
+def expected_shapes(config: DrafterConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes the config implies (MLX builds the module lazily: nothing is allocated)."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(Drafter(config).parameters())}
+
+
+def check_tensors(weights: dict[str, mx.array], expected: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Refuse unexpected or mis-shaped tensors (missing ones are checked once all shards are read)."""
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise ValueError(f"drafter checkpoint '{where}' has {len(unexpected)} unexpected tensor(s), e.g. '{unexpected[0]}'")
+    for key, value in weights.items():
+        if tuple(value.shape) != expected[key]:
+            raise ValueError(f"drafter tensor '{key}' has shape {tuple(value.shape)}, config.json implies {expected[key]}")
+
+
+def check_complete(seen: set[str], expected: dict[str, tuple[int, ...]], where: Path) -> None:
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"drafter checkpoint '{where}' is missing {len(missing)} tensor(s), e.g. '{missing[0]}'")
+
+
 def load_drafter(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> tuple[Drafter, Path]:
     """Build a drafter from a TreeFlash, DFlash or converted MLX checkpoint; returns it and its directory."""
-    path = resolve(str(path_or_repo), DRAFTER_FILES, "drafter")
-    config = read_config(path)
-    weights = to_treeflash_layout(read_weights(path))
+    path = resolve_drafter(str(path_or_repo))
+    config, raw = read_config(path)
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(path):
+        weights.update(to_treeflash_layout(read_shard(file)))
     drafter = Drafter(config)
-    quant = json.loads((path / "config.json").read_text()).get("quantization")
+    quant = raw.get("quantization")
     if quant:
-        nn.quantize(
-            drafter,
-            group_size=quant["group_size"],
-            bits=quant["bits"],
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
-        )
-    expected = dict(tree_flatten(drafter.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing:
-        raise ValueError(f"drafter checkpoint '{path}' is missing {len(missing)} tensor(s), e.g. '{missing[0]}'")
-    if unexpected:
-        raise ValueError(f"drafter checkpoint '{path}' has {len(unexpected)} unexpected tensor(s), e.g. '{unexpected[0]}'")
-    for key, value in expected.items():
-        if weights[key].shape != value.shape:
-            raise ValueError(
-                f"drafter tensor '{key}' has shape {tuple(weights[key].shape)}, "
-                f"config.json implies {tuple(value.shape)}"
-            )
+        nn.quantize(drafter, group_size=quant["group_size"], bits=quant["bits"],
+                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(drafter.parameters())}
+    check_tensors(weights, expected, path)
+    check_complete(set(weights), expected, path)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     drafter.load_weights(list(weights.items()))

@@ -1,0 +1,218 @@
+"""Convert trained PyTorch TreeFlash/DFlash drafters to MLX, and MLX drafters back to the published layout.
+
+    python -m treeflash_mlx.convert --hf-path peerrh/treeflash-qwen3-4b --mlx-path treeflash-4b-mlx [-q]
+    python -m treeflash_mlx.convert --export --mlx-path my-drafter --hf-path my-drafter-hf
+
+Input shards are converted one at a time (peak memory near the largest shard) and written to a temporary
+sibling directory that is renamed into place only when everything succeeded: a failure leaves nothing behind.
+Quantization (``-q``) covers the decoder layers and the AR head; the norms and the feature fusion ``fc``,
+which every context token goes through, stay exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from . import _blas  # noqa: F401  (before mlx)
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from .checkpoints import (  # noqa: E402
+    check_complete,
+    check_tensors,
+    expected_shapes,
+    load_drafter,
+    read_config,
+    read_shard,
+    resolve_drafter,
+    to_treeflash_layout,
+    validate,
+    weight_files,
+)
+from .speculative import load  # noqa: E402
+from .target import Target  # noqa: E402
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+KNOWN_ARCHITECTURES = {"DFlashDraftModel", "TreeFlashDraftModel"}
+QUANTIZABLE = ("_proj.weight", "ar_approximation.ug.weight", "ar_approximation.d.weight")
+
+
+def quantizable(key: str) -> bool:
+    return key.endswith(QUANTIZABLE)
+
+
+def quantize_shard(weights: dict[str, mx.array], bits: int, group_size: int) -> dict[str, mx.array]:
+    out = {}
+    for key, value in weights.items():
+        if not quantizable(key):
+            out[key] = value
+            continue
+        if value.shape[-1] % group_size:
+            raise ValueError(f"cannot quantize '{key}': its input size {value.shape[-1]} is not a multiple of "
+                             f"--q-group-size {group_size}")
+        base = key.removesuffix(".weight")
+        out[f"{base}.weight"], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(value, group_size, bits)
+    return out
+
+
+class _Staging:
+    """Write into a hidden sibling of ``dst``; move it into place on success, delete it on any failure."""
+
+    def __init__(self, dst: Path, force: bool):
+        if dst.exists() and not force:
+            raise FileExistsError(f"output directory '{dst}' already exists; pass --force to replace it")
+        self.dst, self.tmp = dst, dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, kind, *_):
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.dst.exists():
+            shutil.rmtree(self.dst)
+        self.tmp.rename(self.dst)
+        return False
+
+
+def _progress(items: list, what: str):
+    if len(items) < 2:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="shard", file=sys.stderr)
+
+
+def _model_card(source: str, notes: list[str]) -> str:
+    lines = "\n".join(f"- {n}" for n in notes)
+    return (f"# Drafter converted with treeflash-mlx\n\nSource: `{source}`\n\n{lines}\n\n"
+            f"Use: `python -m treeflash_mlx.generate --model <its target> --drafter <this directory> --prompt ...`\n")
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str | Path,
+    dtype: str | None = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    target: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert a published PyTorch drafter (local directory or hub repo) into an MLX drafter directory."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize and q_bits not in (4, 8):
+        raise ValueError(f"--q-bits must be 4 or 8, got {q_bits}")
+    if quantize and q_group_size not in (32, 64, 128):
+        raise ValueError(f"--q-group-size must be 32, 64 or 128, got {q_group_size}")
+    dst = Path(mlx_path)
+    staging = _Staging(dst, force)
+    src = resolve_drafter(hf_path)
+    config, raw = read_config(src)
+    architectures = raw.get("architectures") or []
+    if architectures and not KNOWN_ARCHITECTURES & set(architectures):
+        raise ValueError(f"unknown drafter architecture {architectures}; expected one of {sorted(KNOWN_ARCHITECTURES)}")
+    if target is not None:
+        validate(config, Target(load(target)[0]))
+    expected = expected_shapes(config)
+    files = weight_files(src)
+    seen: set[str] = set()
+    index: dict[str, str] = {}
+    with staging as out:
+        for i, file in enumerate(_progress(files, "converting")):
+            weights = to_treeflash_layout(read_shard(file))
+            check_tensors(weights, expected, file)
+            seen |= set(weights)
+            if dtype is not None:
+                weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+                           for k, v in weights.items()}
+            if quantize:
+                weights = quantize_shard(weights, q_bits, q_group_size)
+            name = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            mx.save_safetensors(str(out / name), weights, metadata={"format": "mlx"})
+            index.update({k: name for k in weights})
+            del weights
+        check_complete(seen, expected, src)
+        out_config = config.to_dict()
+        notes = [f"layout: {'TreeFlash (with AR head)' if config.ar_approximation else 'DFlash (no head)'}",
+                 f"dtype: {dtype or 'as stored'}"]
+        if quantize:
+            out_config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
+            notes.append(f"quantized: {q_bits}-bit, group size {q_group_size} (norms and fc kept exact)")
+        (out / "config.json").write_text(json.dumps(out_config, indent=2))
+        if len(files) > 1:
+            (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}, indent=2))
+        (out / "README.md").write_text(_model_card(hf_path, notes))
+    return dst
+
+
+def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, force: bool = False) -> Path:
+    """Write an MLX drafter (quantized ones are dequantized) in the published PyTorch/Hugging Face layout."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from mlx_lm.utils import dequantize_model
+
+    dst = Path(hf_path)
+    staging = _Staging(dst, force)
+    drafter, src = load_drafter(mlx_path)
+    drafter = dequantize_model(drafter)
+    weights = dict(tree_flatten(drafter.parameters()))
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+    if not drafter.has_head:  # the published DFlash layout has no "model." prefix
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    with staging as out:
+        mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(drafter.args.to_dict(), indent=2))
+        (out / "README.md").write_text(_model_card(str(src), ["exported to the published PyTorch layout",
+                                                              f"dtype: {dtype or 'as stored'}"]))
+    return dst
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m treeflash_mlx.convert", description=__doc__.splitlines()[0])
+    p.add_argument("--hf-path", required=True, help="PyTorch drafter: local directory or hub repo (output with --export)")
+    p.add_argument("--mlx-path", required=True, help="MLX drafter directory to write (input with --export)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating tensors (default: as stored)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize decoder layers and the AR head")
+    p.add_argument("--q-bits", type=int, default=4)
+    p.add_argument("--q-group-size", type=int, default=64)
+    p.add_argument("--target", default=None, help="an mlx-lm target to check the drafter against")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--export", action="store_true", help="MLX drafter at --mlx-path -> published layout at --hf-path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.export:
+            if args.quantize:
+                raise ValueError("--export writes the published (unquantized) layout; drop -q")
+            out = export(args.mlx_path, args.hf_path, args.dtype, args.force)
+        else:
+            out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
+                          args.target, args.force)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

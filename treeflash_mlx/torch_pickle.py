@@ -1,0 +1,106 @@
+"""Read PyTorch ``.bin`` checkpoints without torch and without running code from the file.
+
+A ``torch.save`` file is a zip of ``data.pkl`` (the object graph) and ``data/<key>`` (raw storages). A pickle
+can name any Python callable, so an ordinary unpickler would run whatever the file asks. This one resolves
+only the few names a state dict needs and refuses everything else with a clear error.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": np.uint16,  # raw bits; viewed as bfloat16 once in MLX
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class _Storage(str):
+    """The storage type named in the pickle (a marker, not a callable)."""
+
+
+class _BF16(np.ndarray):
+    """A uint16 array that holds bfloat16 bits."""
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    itemsize = storage.dtype.itemsize
+    out = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+    ).copy()
+    return out.view(_BF16) if isinstance(storage, _BF16) else out
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+ALLOWED = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): _Storage(name) for name in STORAGE_DTYPES},
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    pass
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED:
+            raise UnsafeCheckpointError(f"refusing to load '{module}.{name}': not part of a plain PyTorch state dict")
+        return ALLOWED[(module, name)]
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and isinstance(pid[1], _Storage)):
+            raise UnsafeCheckpointError(f"unexpected persistent id {pid!r}")
+        kind, key = str(pid[1]), pid[2]
+        raw = self.archive.read(f"{self.prefix}data/{key}")
+        array = np.frombuffer(raw, dtype=STORAGE_DTYPES[kind])
+        return array.view(_BF16) if kind == "BFloat16Storage" else array
+
+
+def load_bin(path: Path) -> dict[str, mx.array]:
+    """The tensors of a ``torch.save``d state dict, as MLX arrays (bfloat16 preserved)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"'{path}' is not a PyTorch zip checkpoint (legacy or corrupt); re-save it with torch>=1.6")
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(pkl) != 1:
+            raise ValueError(f"'{path}' has no data.pkl: not a PyTorch checkpoint")
+        prefix = pkl[0][: -len("data.pkl")]
+        with archive.open(pkl[0]) as file:
+            try:
+                state = _Unpickler(file, archive, prefix).load()
+            except UnsafeCheckpointError as err:
+                raise UnsafeCheckpointError(f"'{path}': {err}") from None
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"'{path}' cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"'{path}' does not hold a state dict")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, np.ndarray):
+            raise ValueError(f"'{path}': entry '{key}' is not a tensor")
+        out[key] = mx.array(value.view(np.uint16)).view(mx.bfloat16) if isinstance(value, _BF16) else mx.array(value)
+    return out
