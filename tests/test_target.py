@@ -94,9 +94,19 @@ def test_chunked_prefill_equals_one_pass():
     np.testing.assert_allclose(np.array(logits[0]), plain_logits(model, tokens), atol=2e-4, rtol=2e-4)
 
 
+def test_llama_family_models_of_other_types_are_served():
+    from mlx_lm.utils import _get_classes
+
+    from conftest import target_config
+
+    config = dict(target_config("llama"), model_type="mistral")
+    model_class, args_class = _get_classes(config)
+    assert Target(model_class(args_class.from_dict(config))).family == "llama"
+
+
 def test_unsupported_family_is_refused():
     class Other(nn.Module):
         model_type = "mamba"
 
-    with pytest.raises(ValueError, match="family 'mamba' is not supported"):
+    with pytest.raises(ValueError, match="target model type 'mamba' is not supported"):
         Target(Other())

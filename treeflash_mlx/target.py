@@ -20,10 +20,13 @@ class Target:
     """An mlx-lm model of a supported family, seen as layers the speculative loop can drive."""
 
     def __init__(self, model: nn.Module):
-        family = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
+        # The mlx-lm module, not model_type, decides: mistral and others are served by llama.py.
+        family = type(model).__module__.rsplit(".", 1)[-1]
         if family not in SUPPORTED_FAMILIES:
+            model_type = getattr(model, "model_type", None) or type(model).__name__
             raise ValueError(
-                f"target model family {family!r} is not supported; use one of {', '.join(SUPPORTED_FAMILIES)}"
+                f"target model type {model_type!r} is not supported; use a model of the "
+                f"{', '.join(SUPPORTED_FAMILIES)} families"
             )
         if any(getattr(layer, "use_sliding", False) for layer in model.model.layers):
             raise ValueError("target models with sliding-window attention layers are not supported")
