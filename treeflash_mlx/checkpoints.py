@@ -146,6 +146,16 @@ def load_drafter(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> tup
     return drafter, path
 
 
+def save_drafter(drafter: Drafter, path: Path) -> Path:
+    """Write a drafter in our MLX format: the published TreeFlash layout in safetensors, plus config.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(drafter.parameters())),
+                        metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(drafter.args.to_dict(), indent=2))
+    return path
+
+
 def validate(config: DrafterConfig, target: Target) -> None:
     """Refuse a drafter that was not made for this target, with the reason in one line."""
     n_layers = len(target.layers)

@@ -1,0 +1,87 @@
+"""Drafter training: the loss falls, a resumed run ends where an uninterrupted one does, all three modes work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import save_target, tiny_target
+from mlx.utils import tree_flatten
+
+from treeflash_mlx.checkpoints import load_drafter
+import treeflash_mlx.train as train_module
+from treeflash_mlx.train import build_parser, train
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n    y: int\n" * 40
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    target = tiny_target("qwen3", seed=9)
+    data = root / "corpus.py"
+    data.write_text(TEXT)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"def f{i}(x):"}) for i in range(4)))
+    return save_target(target, root / "target"), data, prompts, root
+
+
+def run(setup, out, *extra):
+    target_dir, data, prompts, _ = setup
+    argv = ["--model", str(target_dir), "--data", str(data), str(prompts), "--out", str(out), "--block-size", "6",
+            "--num-prompts", "12", "--prompt-tokens", "12", "--gen-tokens", "24", "--batch", "3", "--anchors", "4",
+            "--eval-prompts", "2", "--eval-tokens", "12", "--lr", "3e-3", *map(str, extra)]
+    return train(build_parser().parse_args(argv))
+
+
+def weights(path):
+    return {k: np.array(v) for k, v in tree_flatten(load_drafter(path)[0].parameters())}
+
+
+def test_loss_falls_and_the_drafter_loads_and_is_evaluated(setup, tmp_path):
+    report = run(setup, tmp_path / "d", "--steps", 40)
+    drafter, _ = load_drafter(tmp_path / "d")
+    assert drafter.has_head and drafter.args.block_size == 6
+    assert set(report["mean_acceptance_length"]) == {"treeflash", "marginal", "chain"}
+    assert all(tau >= 1 for tau in report["mean_acceptance_length"].values())
+    first = run(setup, tmp_path / "one", "--steps", 1)["final_loss"]
+    assert report["final_loss"] < 0.7 * first
+
+
+def test_an_interrupted_run_resumes_to_the_same_state(setup, tmp_path, monkeypatch):
+    run(setup, tmp_path / "straight", "--steps", 6, "--save-every", 3)
+    real, calls = train_module.losses, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 4:  # during step 4, after the checkpoint of step 3
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path / "resumed", "--steps", 6, "--save-every", 3)
+    monkeypatch.setattr(train_module, "losses", real)
+    assert json.loads((tmp_path / "resumed.work" / "state.json").read_text()) == {"step": 3}
+    run(setup, tmp_path / "resumed", "--steps", 6, "--save-every", 3)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_head_mode_trains_only_the_head_of_a_dflash_drafter(setup, tmp_path):
+    base = run(setup, tmp_path / "dflash", "--steps", 3, "--mode", "backbone")
+    assert "treeflash" not in base["mean_acceptance_length"]
+    run(setup, tmp_path / "upgraded", "--steps", 5, "--mode", "head", "--drafter", tmp_path / "dflash")
+    before, after = weights(tmp_path / "dflash"), weights(tmp_path / "upgraded")
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=f"{k} must stay frozen")
+    assert any(k.startswith("ar_approximation") for k in after)
+    assert np.abs(after["ar_approximation.d.weight"]).max() > 0, "the head must have learned"
+
+
+def test_head_mode_needs_a_drafter(setup, tmp_path):
+    with pytest.raises(ValueError, match="--mode head trains a head on an existing DFlash drafter"):
+        run(setup, tmp_path / "x", "--steps", 1, "--mode", "head")
