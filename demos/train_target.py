@@ -1,13 +1,13 @@
 """Train the demo target from scratch: a small Qwen3 on the Python standard library's own sources.
 
-    python demos/train_target.py --out demos/models/target --minutes 30
+    python demos/train_target.py --minutes 40
 
 Every machine with Python has this text, so the demo is reproducible anywhere. Steps:
 1. gather the stdlib ``.py`` files (not ``encodings/``, not the test suites); every 50th file is held out,
    so that the demo's evaluation prompts come from code the models never saw;
 2. train a byte-level BPE tokenizer (4096 tokens) with a chat template;
-3. train the model (AdamW, cosine schedule) for a time budget, checkpointing to ``<out>.work/`` so that an
-   interrupted run resumes where it stopped (run the same command again);
+3. train the model (AdamW, cosine schedule) for a time budget, checkpointing so that an
+   interrupted run resumes where it stopped (run the same command again; state in ``demos/work/``);
 4. write an mlx-lm model directory that ``mlx_lm.load`` and ``treeflash_mlx`` open offline.
 """
 
@@ -71,14 +71,15 @@ def encode(tokenizer, files: list[Path]) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("demos/models/target"))
+    p.add_argument("--out", type=Path, default=Path("treeflash_mlx/demo/target"))
+    p.add_argument("--work", type=Path, default=Path("demos/work/target"))
     p.add_argument("--minutes", type=float, default=30.0, help="training time budget (all runs together)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    work = args.out.parent / (args.out.name + ".work")
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     train_files, held_out = stdlib_files()
     if (work / "tokenizer.json").exists():

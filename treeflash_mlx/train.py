@@ -21,6 +21,7 @@ Recipe (the published one, scaled down), and the choices made here:
 - Progress bar with loss and tokens/s; a checkpoint every ``--save-every`` steps in ``<out>.work/``; running
   the same command again resumes; at the end a held-out greedy evaluation reports τ and the drafter is saved
   in the MLX format (``--export-hf`` also writes the published PyTorch layout).
+- Defaults suit a small target on a CPU; a large one wants more prompts, longer continuations and more steps.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-prompts", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=64)
+    p.add_argument("--work-dir", type=Path, default=None, help="data, features, checkpoints (default: <out>.work)")
     p.add_argument("--export-hf", type=Path, default=None, help="also write the published PyTorch layout here")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -250,7 +252,7 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError("--mode head trains a head on an existing DFlash drafter: pass it with --drafter")
     model, tokenizer, _ = load(args.model)
     target = Target(model)
-    work = args.out.parent / (args.out.name + ".work")
+    work = args.work_dir or args.out.parent / (args.out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     mx.random.seed(args.seed)
