@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import _blas  # noqa: F401  (before mlx)
 
@@ -12,6 +13,8 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: E402
 
 from .drafting import MODES  # noqa: E402
+
+DEMO = Path(__file__).parent / "demo"
 from .speculative import default_mode, load, stream_generate, summary  # noqa: E402
 
 
@@ -20,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m treeflash_mlx.generate",
         description="Lossless TreeFlash speculative generation with an mlx-lm target and a block drafter.",
     )
-    p.add_argument("--model", required=True, help="target: local mlx-lm/Hugging Face directory or hub repo id")
+    p.add_argument("--model", default=None,
+                   help="target: mlx-lm/Hugging Face directory or hub repo id (default: the bundled demo pair)")
     p.add_argument("--drafter", default=None, help="drafter directory or hub repo id (TreeFlash or DFlash)")
     p.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
@@ -73,6 +77,12 @@ def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
     check_args(args)
+    if args.model is None:  # the bundled demo pair: a small stdlib-trained Qwen3 and its TreeFlash drafter
+        if args.drafter is not None:
+            raise ValueError("--drafter needs --model: a drafter is made for one target")
+        if not (DEMO / "target" / "config.json").is_file():
+            raise FileNotFoundError(f"the demo pair is missing from {DEMO}; pass --model (and --drafter)")
+        args.model, args.drafter = str(DEMO / "target"), str(DEMO / "drafter")
     if args.seed is not None:
         mx.random.seed(args.seed)
     model, tokenizer, drafter = load(args.model, args.drafter)
