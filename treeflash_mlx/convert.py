@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from . import _blas  # noqa: F401  (before mlx)
+from ._cli import run_cli
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
@@ -194,24 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.export:
-            if args.quantize:
-                raise ValueError("--export writes the published (unquantized) layout; drop -q")
-            out = export(args.mlx_path, args.hf_path, args.dtype, args.force)
-        else:
-            out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
-                          args.target, args.force)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+def run(args: argparse.Namespace) -> None:
+    if args.export:
+        if args.quantize:
+            raise ValueError("--export writes the published (unquantized) layout; drop -q")
+        out = export(args.mlx_path, args.hf_path, args.dtype, args.force)
+    else:
+        out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
+                      args.target, args.force)
     print(f"wrote {out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import _blas  # noqa: F401  (before mlx)
+from ._cli import run_cli
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: E402
@@ -126,13 +127,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from . import _blas  # noqa: F401  (before mlx)
+from ._cli import run_cli
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -345,13 +346,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(build_parser(), train, argv)
 
 
 if __name__ == "__main__":
