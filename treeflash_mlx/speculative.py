@@ -96,6 +96,34 @@ def default_mode(drafter: Drafter | None) -> str:
     return "treeflash" if drafter.has_head else "marginal"
 
 
+class _TextStream:
+    """Committed tokens in, text segments out; ends on EOS, a stop string (cut off) or the last token.
+
+    Text that could still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer: TokenizerWrapper, stop_strings: Sequence[str]):
+        self.detokenizer = tokenizer.detokenizer
+        self.detokenizer.reset()
+        self.stop_ids = set(tokenizer.eos_token_ids)
+        self.stop_strings = list(stop_strings)
+        self.hold = max((len(s) - 1 for s in self.stop_strings), default=0)
+        self.shown = 0
+
+    def add(self, token: int, last: bool) -> tuple[str, str | None]:
+        finish = "stop" if token in self.stop_ids else ("length" if last else None)
+        if token not in self.stop_ids:
+            self.detokenizer.add_token(token)
+        if finish:
+            self.detokenizer.finalize()
+        text = self.detokenizer.text
+        hits = [h for s in self.stop_strings if (h := text.find(s, max(0, self.shown - len(s)))) >= 0]
+        if hits:
+            text, finish = text[: min(hits)], "stop"
+        safe = len(text) if finish else max(self.shown, len(text) - self.hold)
+        segment, self.shown = text[self.shown : safe], safe
+        return segment, finish
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
@@ -149,35 +177,16 @@ def stream_generate(
     root = int(sampler(logprobs).item())
     prompt_tps = len(prompt) / (time.perf_counter() - tic)
 
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    stop_ids = set(tokenizer.eos_token_ids)
-    history = list(prompt)
-    text, shown = "", 0
+    stream = _TextStream(tokenizer, stop_strings)
     generated, round_index = 0, 0
     tic = time.perf_counter()
     new = [(root, logprobs[0], False)]
+    history = list(prompt)
     while True:
         for token, token_logprobs, from_draft in new:
             generated += 1
             history.append(token)
-            finish = None
-            if token in stop_ids:
-                finish = "stop"
-            else:
-                detokenizer.add_token(token)
-            if finish is None and generated >= limit:
-                finish = "length"
-            if finish:
-                detokenizer.finalize()
-            text = detokenizer.text
-            hit = [text.find(s, max(0, shown - len(s))) for s in stop_strings]
-            hit = [h for h in hit if h >= 0]
-            if hit:
-                text, finish = text[: min(hit)], "stop"
-            # Hold back text that could still become a stop string.
-            safe = len(text) if finish else max(shown, len(text) - max((len(s) - 1 for s in stop_strings), default=0))
-            segment, shown = text[shown:safe], safe
+            segment, finish = stream.add(token, last=generated >= limit)
             yield GenerationResponse(
                 text=segment,
                 token=token,
