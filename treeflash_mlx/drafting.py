@@ -79,13 +79,25 @@ def transition_tables(
     return tokens, logps, next_row
 
 
-def draft(drafter: Drafter, target: Target, root: int, cache, opts: DraftOptions) -> DraftTree:
-    """Propose a tree rooted at the last committed token; the drafter cache holds the committed prefix."""
+def untimed(stage: str, *arrays) -> None:
+    """The default stage timer: no profiling, so no syncs between stages."""
+
+
+def draft(drafter: Drafter, target: Target, root: int, cache, opts: DraftOptions, timer=untimed) -> DraftTree:
+    """Propose a tree rooted at the last committed token; the drafter cache holds the committed prefix.
+
+    ``timer(stage, *arrays)`` closes each stage (see ``speculative.RoundStats``)."""
     B = drafter.args.block_size
     block = mx.array([root] + [drafter.args.mask_token_id] * (B - 1))
     hidden = drafter(target.embed_tokens(block[None]), cache)[0]
+    timer("drafter", hidden)
     if opts.mode == "chain":
-        best = mx.argmax(target.lm_head(drafter.model.norm(hidden[1:])), axis=-1)
-        return chain(root, np.array(best))
-    tokens, logp, next_row = transition_tables(drafter, target, root, hidden, opts)
-    return best_first(root, tokens, logp, next_row, opts.tree_size)
+        best = np.array(mx.argmax(target.lm_head(drafter.model.norm(hidden[1:])), axis=-1))
+        timer("tables")
+        tree = chain(root, best)
+    else:
+        tokens, logp, next_row = transition_tables(drafter, target, root, hidden, opts)
+        timer("tables")
+        tree = best_first(root, tokens, logp, next_row, opts.tree_size)
+    timer("tree")
+    return tree

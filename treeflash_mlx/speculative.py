@@ -17,7 +17,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .checkpoints import MODEL_FILES, load_drafter, resolve, validate
 from .drafter import Drafter
-from .drafting import MODES, DraftOptions, draft
+from .drafting import MODES, DraftOptions, draft, untimed
 from .sampling import LogitsProcessor, Sampler, accept, greedy, node_logprobs
 from .target import Target, compact
 from .tree import root_only
@@ -96,6 +96,28 @@ def default_mode(drafter: Drafter | None) -> str:
     return "treeflash" if drafter.has_head else "marginal"
 
 
+class RoundStats:
+    """Opt-in profile of the rounds: seconds per stage and, per round, the tree size and accepted nodes.
+
+    Passing one to ``stream_generate`` makes every stage end in an ``mx.eval`` so that its time is its own."""
+
+    STAGES = ("drafter", "tables", "tree", "verify", "commit")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.rounds: list[tuple[int, list[int]]] = []  # (nodes verified, accepted node indices)
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def __call__(self, stage: str, *arrays) -> None:
+        mx.eval(*arrays)
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._last
+        self._last = now
+
+
 class _TextStream:
     """Committed tokens in, text segments out; ends on EOS, a stop string (cut off) or the last token.
 
@@ -139,11 +161,13 @@ def stream_generate(
     top_k: int = 16,
     drafter_temp: float = 1.0,
     stop_strings: Sequence[str] = (),
+    stats: RoundStats | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` exactly as the target alone would (in distribution; greedy: token for token).
 
     ``sampler`` and ``logits_processors`` follow mlx-lm (``make_sampler``, ``make_logits_processors``);
     processors see, for each tree node, the committed tokens and that node's own path as history.
+    ``stats`` collects a per-stage profile (at the cost of a sync per stage).
     """
     opts = _check_options(DraftOptions(mode or default_mode(drafter), tree_size, top_m, top_k, drafter_temp),
                           drafter, max_tokens)
@@ -205,8 +229,11 @@ def stream_generate(
                 return
 
         round_index += 1
+        timer = stats or untimed
+        if stats:
+            stats.start()
         start = t_cache[0].offset  # the root's position: the cache holds everything before it
-        tree = draft(drafter, target, root, d_cache, opts) if use_drafter else root_only(root)
+        tree = draft(drafter, target, root, d_cache, opts, timer) if use_drafter else root_only(root)
         if tree.is_chain:
             logits, feats = target.forward(mx.array(tree.tokens), t_cache, capture)
         else:
@@ -216,9 +243,13 @@ def stream_generate(
         logprobs = node_logprobs(logits, tree, history, logits_processors)
         samples = np.array(sampler(logprobs))
         path, root = accept(tree, samples)
+        timer("verify")
         compact(t_cache, start, path)
         if use_drafter:
             drafter.append_context(feats[mx.array(path)][None], d_cache)
+        if stats:
+            stats("commit", [c.state for c in t_cache + (d_cache or [])])
+            stats.rounds.append((len(tree), path))
         new = [(int(tree.tokens[n]), logprobs[p], True) for p, n in zip(path, path[1:])]
         new.append((root, logprobs[path[-1]], False))
 
