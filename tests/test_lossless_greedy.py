@@ -37,7 +37,7 @@ def oracle_draft(truth: list[int], rng: np.random.Generator, block: int = 8):
     """A test double for `draft`: the target's true continuation, with decoy branches placed before the true
     node (so accepted paths are not contiguous in node order) and now and then a corrupted token."""
 
-    def fake_draft(drafter, target, root, cache, opts):
+    def fake_draft(drafter, target, root, cache, opts, timer=None):
         start = cache[0].offset  # the drafter cache holds exactly the committed prefix
         tokens, parents, depths, cur = [root], [-1], [0], 0
         for depth, token in enumerate(truth[start + 1 : start + block], start=1):

@@ -234,12 +234,7 @@ def stream_generate(
             stats.start()
         start = t_cache[0].offset  # the root's position: the cache holds everything before it
         tree = draft(drafter, target, root, d_cache, opts, timer) if use_drafter else root_only(root)
-        if tree.is_chain:
-            logits, feats = target.forward(mx.array(tree.tokens), t_cache, capture)
-        else:
-            logits, feats = target.forward(
-                mx.array(tree.tokens), t_cache, capture, positions=start + tree.depths, parents_mask=tree.ancestor_mask()
-            )
+        logits, feats = target.verify(tree, t_cache, capture)
         logprobs = node_logprobs(logits, tree, history, logits_processors)
         samples = np.array(sampler(logprobs))
         path, root = accept(tree, samples)

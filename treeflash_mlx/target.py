@@ -104,6 +104,15 @@ class Target:
         return logits, mx.concatenate([features[order.index(i)] for i in capture], axis=-1)[0]
 
 
+    def verify(self, tree, cache: list[KVCache], capture: list[int] = ()) -> tuple[mx.array, mx.array | None]:
+        """One target pass over a draft tree after the cached prefix (chains take the causal fast path)."""
+        tokens = mx.array(tree.tokens)
+        if tree.is_chain:
+            return self.forward(tokens, cache, capture)
+        start = cache[0].offset
+        return self.forward(tokens, cache, capture, positions=start + tree.depths, parents_mask=tree.ancestor_mask())
+
+
 def compact(cache: list[KVCache], start: int, keep: list[int]) -> None:
     """Keep only the K/V of tree nodes ``keep`` (indices after ``start``), moved to ``start, start+1, ...``."""
     n = len(keep)

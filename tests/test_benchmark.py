@@ -1,0 +1,70 @@
+"""`python -m treeflash_mlx.benchmark`: the report's structure and the losslessness check (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import save_drafter, save_target, tiny_drafter, tiny_target
+
+import treeflash_mlx.benchmark as benchmark
+from treeflash_mlx.benchmark import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    target = tiny_target("qwen3", seed=4)
+    return (save_target(target, root / "target"), save_drafter(tiny_drafter(target, block_size=6), root / "drafter"),
+            save_target(tiny_target("qwen3", layers=1, seed=8), root / "small"))
+
+
+def bench(capsys, models, tmp_path, *extra):
+    target, drafter, small = models
+    code = main(["--model", str(target), "--drafter", str(drafter), "--draft-model", str(small), "--prompts", "code",
+                 "--num-prompts", "2", "--max-tokens", "10", "--output", str(tmp_path / "out"), *map(str, extra)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out, json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_every_mode_is_reported_and_lossless(models, tmp_path, capsys):
+    table, report = bench(capsys, models, tmp_path)
+    modes = [r["mode"] for r in report["results"]]
+    assert modes == ["ar", "draft-model", "chain", "marginal", "treeflash"]
+    for r in report["results"]:
+        assert {"mode", "mean_acceptance_length", "tokens_per_s", "speedup_vs_ar", "efficiency", "lossless"} <= set(r)
+        assert r["lossless"] is True and r["mean_acceptance_length"] >= 1 and r["tokens_per_s"] > 0
+    assert report["results"][0]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert set(report["results"][-1]["ms_per_round"]) == {"drafter", "tables", "tree", "verify", "commit"}
+    assert table.count("| yes |") == 5 and "verify cost / one mlx-lm step" in table
+
+
+def test_tree_size_auto_reports_its_choice_against_fixed_sizes(models, tmp_path, capsys):
+    table, report = bench(capsys, models, tmp_path, "--modes", "treeflash", "--tree-size", "auto")
+    choice = report["tree_size_auto"]
+    assert choice["tree_size"] in (4, 8, 12, 16, 24, 32, 48, 64)
+    assert [r["mode"] for r in report["results"]] == ["ar", "treeflash", "treeflash@16", "treeflash@32", "treeflash@64"]
+    assert report["results"][1]["tree_size"] == choice["tree_size"]
+    assert "--tree-size auto chose" in table
+
+
+def test_a_mismatch_is_reported_loudly(models, tmp_path, capsys, monkeypatch):
+    real = benchmark.run_ours
+
+    def corrupted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["tokens"] = [t + 1 for t in out["tokens"]]
+        return out
+
+    monkeypatch.setattr(benchmark, "run_ours", corrupted)
+    table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain")
+    assert report["results"][1]["lossless"] is False
+    assert "MISMATCH" in table
+
+
+def test_bad_options_fail_clearly(models, capsys):
+    assert main(["--model", str(models[0]), "--modes", "ar,warp"]) == 1
+    assert "unknown mode(s) ['warp']" in capsys.readouterr().err
+    assert main(["--model", str(models[0]), "--modes", "chain"]) == 1
+    assert "need --drafter" in capsys.readouterr().err

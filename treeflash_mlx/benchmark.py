@@ -1,0 +1,331 @@
+"""Every decoding mode side by side on this machine: ``python -m treeflash_mlx.benchmark``.
+
+    python -m treeflash_mlx.benchmark --prompts code --modes ar,draft-model,chain,marginal,treeflash
+
+Modes run interleaved prompt by prompt after a warm-up, so that machine noise hits all of them alike.
+``ar`` is plain mlx-lm decoding and ``draft-model`` mlx-lm's own speculative decoding with a small
+autoregressive model; ``chain`` (DFlash), ``marginal`` (DDTree) and ``treeflash`` are ours. For each mode:
+τ (tokens per target pass), tokens/s, speed-up over ``ar`` from the same run, the time per round of each stage,
+and the efficiency: measured speed-up ÷ the ideal ``τ · t(1-token step) / t(verify of that many nodes)``,
+both costs measured here too. At temperature 0 every mode's tokens must equal ``ar``'s; a mismatch is
+reported in the table, never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import _blas  # noqa: F401  (before mlx)
+from ._cli import run_cli
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
+
+from .speculative import RoundStats, load, stream_generate  # noqa: E402
+from .target import Target  # noqa: E402
+from .tree import DraftTree, chain  # noqa: E402
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
+DEMO = Path(__file__).parent / "demo"
+TREE_MODES = ("marginal", "treeflash")
+ALL_MODES = ("ar", "draft-model", "chain", "marginal", "treeflash")
+AUTO_CANDIDATES = (4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[list[int]]:
+    """A built-in set (code, math, chat), ``humaneval`` or any JSONL of ``prompt`` or ``messages`` lines."""
+    if file is None:
+        if name == "humaneval":
+            root = Path(os.environ.get("TREEFLASH_MODELS", Path.home() / ".cache" / "treeflash-models"))
+            file = root / "humaneval" / "HumanEval.jsonl"
+            if not file.is_file():
+                raise FileNotFoundError(f"no HumanEval copy at {file}: run shared/models/fetch-model humaneval "
+                                        "or pass --prompts-file")
+        elif (PROMPT_DIR / f"{name}.jsonl").is_file():
+            file = PROMPT_DIR / f"{name}.jsonl"
+        else:
+            file = Path(name)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt set '{name}' is neither code, math, chat, humaneval nor a JSONL file")
+    prompts = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if "messages" in item:
+                prompts.append(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True))
+            else:
+                prompts.append(tokenizer.encode(item["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{file}:{n} is not a JSON object with a 'prompt' or 'messages' field") from None
+    if not prompts:
+        raise ValueError(f"prompt file {file} holds no prompts")
+    return prompts[:count]
+
+
+def bushy_tree(n: int, vocab: int, rng) -> DraftTree:
+    """A wide tree of n nodes (node i hangs under node (i-1)//2), standing in for a draft tree of that size."""
+    parents = np.array([-1] + [(i - 1) // 2 for i in range(1, n)])
+    depths = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        depths[i] = depths[parents[i]] + 1
+    return DraftTree(rng.integers(0, vocab, n), parents, depths)
+
+
+def verify_costs(model, trees: dict[str, DraftTree], prefix: int = 256, repeats: int = 10) -> dict[str, float]:
+    """Median seconds of one mlx-lm decoding step (key "step") and of verifying each named tree."""
+    target = Target(model)
+    cache = target.make_cache()
+    rng = np.random.default_rng(0)
+    mx.eval(target.forward(mx.array(rng.integers(0, target.vocab_size, prefix)), cache, last_only=True)[0])
+    times: dict[str, list[float]] = {key: [] for key in ["step", *trees]}
+    for _ in range(repeats + 1):  # interleaved; the first pass compiles kernels and is dropped
+        for key in times:
+            tic = time.perf_counter()
+            if key == "step":
+                mx.eval(model(mx.array([[1]]), cache=cache))
+            else:
+                mx.eval(target.verify(trees[key], cache)[0])
+            times[key].append(time.perf_counter() - tic)
+            for c in cache:
+                c.offset = prefix
+    return {k: float(np.median(v[1:])) for k, v in times.items()}
+
+
+def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, tree_size) -> dict:
+    stats = RoundStats()
+    responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=args.max_tokens, sampler=sampler,
+                                     mode=mode, tree_size=tree_size, stats=stats))
+    tokens = [r.token for r in responses]
+    if responses[-1].finish_reason == "stop" and tokens[-1] in tokenizer.eos_token_ids:
+        tokens = tokens[:-1]  # mlx-lm does not emit the end-of-sequence token
+    last = responses[-1]
+    return {"tokens": tokens, "seconds": last.generation_tokens / last.generation_tps,
+            "generated": last.generation_tokens, "taus": [len(path) for _, path in stats.rounds],
+            "nodes": [n for n, _ in stats.rounds], "paths": [path for _, path in stats.rounds],
+            "stages": stats.seconds}
+
+
+def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
+    kwargs = {"draft_model": draft_model, "num_draft_tokens": args.num_draft_tokens} if draft_model else {}
+    responses = list(mlx_lm_stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+                                            **kwargs))
+    tokens = [r.token for r in responses if r.finish_reason is None or r.token not in tokenizer.eos_token_ids]
+    last = responses[-1]
+    target_passes = max(1, sum(not r.from_draft for r in responses[1:]))  # each target pass ends in one token
+    return {"tokens": tokens, "seconds": last.generation_tokens / last.generation_tps,
+            "generated": last.generation_tokens, "taus": [(len(responses) - 1) / target_passes],
+            "nodes": [args.num_draft_tokens + 1 if draft_model else 1], "paths": [], "stages": {}}
+
+
+def auto_tree_size(runs: list[dict], costs: dict[str, float], draft_seconds: float) -> tuple[int, dict]:
+    """Pick the budget n with the best predicted speed τ(n) / (draft + verify(n)).
+
+    The best-first tree of budget n is the first n nodes of the budget-64 tree, and (greedy) each node's
+    target sample does not depend on the other nodes; so τ(n) for every n follows exactly from the accepted
+    paths of budget-64 rounds: the accepted path cut at its first node with index >= n."""
+    paths = [p for r in runs for p in r["paths"]]
+    table = {}
+    for n in AUTO_CANDIDATES:
+        taus = []
+        for path in paths:
+            keep = 1
+            while keep < len(path) and path[keep] < n:
+                keep += 1
+            taus.append(keep)
+        tau = float(np.mean(taus))
+        table[n] = {"tau": tau, "predicted_speedup": tau * costs["step"] / (draft_seconds + costs[f"tree{n}"])}
+    best = max(table, key=lambda n: table[n]["predicted_speedup"])
+    return best, table
+
+
+def summarize(mode: str, runs: list[dict], ar_runs: list[dict], step_seconds: float, verify_seconds: float,
+              temp: float) -> dict:
+    """One row of the report; ``step_seconds``/``verify_seconds``: measured cost of a plain step / this verify."""
+    seconds = sum(r["seconds"] for r in runs)
+    tps = sum(r["generated"] for r in runs) / seconds
+    ar_tps = sum(r["generated"] for r in ar_runs) / sum(r["seconds"] for r in ar_runs)
+    taus = [t for r in runs for t in r["taus"]]
+    tau = float(np.mean(taus))
+    nodes = [n for r in runs for n in r["nodes"]]
+    ideal = tau * step_seconds / verify_seconds
+    rounds = max(1, len(taus))
+    stages = {k: 1e3 * sum(r["stages"].get(k, 0.0) for r in runs) / rounds for k in RoundStats.STAGES}
+    lossless = None if temp > 0 else all(r["tokens"] == a["tokens"] for r, a in zip(runs, ar_runs))
+    return {"mode": mode, "mean_acceptance_length": tau, "tokens_per_s": tps, "speedup_vs_ar": tps / ar_tps,
+            "ideal_speedup": ideal, "efficiency": (tps / ar_tps) / ideal, "nodes_per_round": float(np.mean(nodes)),
+            "ms_per_round": stages if runs[0]["stages"] else None, "lossless": lossless, "taus": taus}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| mode | τ | tokens/s | speed-up vs ar | ideal | efficiency | drafter | tables | tree | verify | commit "
+             "(ms/round) | lossless |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        st = r["ms_per_round"]
+        split = " | ".join(f"{st[k]:.1f}" for k in RoundStats.STAGES) if st else " | ".join(["-"] * 5)
+        lossless = {None: "n/a (sampling)", True: "yes", False: "**MISMATCH: output differs from ar**"}[r["lossless"]]
+        lines.append(f"| {r['mode']} | {r['mean_acceptance_length']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup_vs_ar']:.2f}x | {r['ideal_speedup']:.2f}x | {r['efficiency']:.2f} | {split} | {lossless} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], costs: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'treeflash-mlx[plot]'): no plots", file=sys.stderr)
+        return []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([r["mode"] for r in results], [r["speedup_vs_ar"] for r in results], color="tab:blue")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("speed-up over ar")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    spec = [r for r in results if r["mode"] not in ("ar",)]
+    top = max([1, *[max(r["taus"]) for r in spec]])
+    for r in spec:
+        ax.hist(r["taus"], bins=np.arange(0.5, top + 1.5), histtype="step", lw=1.5, label=r["mode"], density=True)
+    ax.set_xlabel("τ (tokens per target pass)")
+    ax.set_ylabel("share of rounds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tau_histogram.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sizes = sorted(int(k[4:]) for k in costs if k.startswith("tree"))
+    ax.plot(sizes, [costs[f"tree{n}"] / costs["step"] for n in sizes], marker="o")
+    ax.set_xlabel("tree nodes verified")
+    ax.set_ylabel("cost / one mlx-lm step")
+    fig.tight_layout()
+    fig.savefig(out / "verify_cost.png", dpi=120)
+    plt.close("all")
+    return ["speedup.png", "tau_histogram.png", "verify_cost.png"]
+
+
+def run(args: argparse.Namespace) -> None:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
+    if args.max_tokens < 1 or args.num_prompts < 1:
+        raise ValueError("--max-tokens and --num-prompts must be at least 1")
+    if args.temp < 0:
+        raise ValueError(f"--temp must be >= 0, got {args.temp}")
+    if args.tree_size != "auto" and not (args.tree_size.isdigit() and int(args.tree_size) >= 1):
+        raise ValueError(f"--tree-size must be a positive integer or 'auto', got {args.tree_size!r}")
+    if args.model is None:
+        args.model, args.drafter = str(DEMO / "target"), args.drafter or str(DEMO / "drafter")
+        args.draft_model = args.draft_model or (str(DEMO / "draft-model") if (DEMO / "draft-model").is_dir() else None)
+    if "ar" not in modes:
+        modes.insert(0, "ar")  # the baseline every ratio refers to
+    needs_drafter = [m for m in modes if m in ("chain", *TREE_MODES)]
+    if needs_drafter and args.drafter is None:
+        raise ValueError(f"mode(s) {needs_drafter} need --drafter")
+    if "draft-model" in modes and args.draft_model is None:
+        raise ValueError("mode 'draft-model' needs --draft-model (a small model with the same tokenizer)")
+    model, tokenizer, drafter = load(args.model, args.drafter)
+    draft_model = load(args.draft_model)[0] if "draft-model" in modes else None
+    if "treeflash" in modes and drafter is not None and not drafter.has_head:
+        raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head")
+    prompts = read_prompts(args.prompts, args.prompts_file, tokenizer, args.num_prompts)
+    sampler = make_sampler(args.temp)
+    mx.random.seed(args.seed)
+
+    def once(mode: str, prompt, tree_size: int) -> dict:
+        if mode in ("ar", "draft-model"):
+            return run_mlx_lm(model, tokenizer, draft_model if mode == "draft-model" else None, prompt, args, sampler)
+        return run_ours(model, tokenizer, drafter, prompt, mode.split("@")[0], args, sampler, tree_size)
+
+    B = drafter.args.block_size if drafter is not None else 16
+    rng = np.random.default_rng(0)
+    sizes = sorted(set(AUTO_CANDIDATES) | ({int(args.tree_size)} if args.tree_size != "auto" else set()))
+    trees = {f"tree{n}": bushy_tree(int(n), model.args.vocab_size, rng) for n in sizes}
+    trees[f"chain{B}"] = chain(0, rng.integers(0, model.args.vocab_size, B - 1))
+    trees[f"chain{args.num_draft_tokens + 1}"] = chain(0, rng.integers(0, model.args.vocab_size, args.num_draft_tokens))
+    print("measuring verification costs", file=sys.stderr)
+    costs = verify_costs(model, trees)
+
+    tree_sizes = {m: 64 if args.tree_size == "auto" else int(args.tree_size) for m in modes}
+    warm = [once(m, prompts[0], 64) for m in modes]  # warm-up (kernels, caches); also the auto profile
+    choice = None
+    if args.tree_size == "auto":
+        profile_mode = next((m for m in ("treeflash", "marginal") if m in modes), None)
+        if profile_mode is not None:
+            profile = [warm[modes.index(profile_mode)]] + [once(profile_mode, p, 64) for p in prompts[1:3]]
+            draft_s = np.mean([sum(v for k, v in r["stages"].items() if k != "verify") / max(1, len(r["taus"]))
+                               for r in profile])
+            best, table = auto_tree_size(profile, costs, draft_s)
+            choice = {"mode": profile_mode, "tree_size": best, "candidates": table}
+            for m in TREE_MODES:
+                if m in modes:
+                    tree_sizes[m] = best
+            modes += [f"{profile_mode}@{n}" for n in (16, 32, 64)]
+            for n in (16, 32, 64):
+                tree_sizes[f"{profile_mode}@{n}"] = n
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for i, prompt in enumerate(prompts):
+        for m in modes:  # interleaved: the same prompt through every mode before the next prompt
+            runs[m].append(once(m, prompt, tree_sizes.get(m, 64)))
+        print(f"prompt {i + 1}/{len(prompts)}", file=sys.stderr)
+    def verify_key(mode: str) -> str:
+        return {"ar": "step", "draft-model": f"chain{args.num_draft_tokens + 1}", "chain": f"chain{B}"}.get(
+            mode, f"tree{tree_sizes.get(mode)}")
+
+    results = [summarize(m, runs[m], runs["ar"], costs["step"], costs[verify_key(m)], args.temp) for m in modes]
+    for r in results:
+        r["tree_size"] = tree_sizes.get(r["mode"]) if r["mode"].split("@")[0] in TREE_MODES else None
+    print(markdown(results))
+    if choice:
+        print(f"\n--tree-size auto chose {choice['tree_size']} for {choice['mode']}: "
+              + ", ".join(f"n={n}: τ {v['tau']:.2f}, predicted {v['predicted_speedup']:.2f}x"
+                          for n, v in choice["candidates"].items()))
+    print("\nverify cost / one mlx-lm step: "
+          + ", ".join(f"{k} {v / costs['step']:.2f}x" for k, v in costs.items() if k != "step"))
+    if any(r["lossless"] is False for r in results):
+        print("\nWARNING: a speculative mode's greedy output differs from plain decoding", file=sys.stderr)
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        report = {"model": args.model, "drafter": args.drafter, "draft_model": args.draft_model,
+                  "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+                  "temp": args.temp, "verify_costs_s": costs, "tree_size_auto": choice, "results": results}
+        (args.output / "results.json").write_text(json.dumps(report, indent=2))
+        plots = plot(results, costs, args.output)
+        print(f"\nwrote {args.output / 'results.json'}" + (f" and {', '.join(plots)}" if plots else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m treeflash_mlx.benchmark", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="target (default: the bundled demo pair)")
+    p.add_argument("--drafter", default=None)
+    p.add_argument("--draft-model", default=None, help="small autoregressive model for mlx-lm's speculative mode")
+    p.add_argument("--prompts", default="code", help="code, math, chat, humaneval or a JSONL file")
+    p.add_argument("--prompts-file", type=Path, default=None, help="JSONL file for the set (e.g. HumanEval.jsonl)")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--modes", default=",".join(ALL_MODES))
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--tree-size", default="64", help="node budget for tree modes, or 'auto'")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round for draft-model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=None, help="directory for results.json and plots")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
