@@ -1,6 +1,8 @@
 """Train the demo target from scratch: a small Qwen3 on the Python standard library's own sources.
 
     python demos/train_target.py --minutes 40
+    python demos/train_target.py --layers 1 --minutes 10 --tokenizer treeflash_mlx/demo/target \
+        --out treeflash_mlx/demo/draft-model --work demos/work/draft-model   # the draft-model baseline
 
 Every machine with Python has this text, so the demo is reproducible anywhere. Steps:
 1. gather the stdlib ``.py`` files (not ``encodings/``, not the test suites); every 50th file is held out,
@@ -78,14 +80,19 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"],
+                   help="1-2 for the small autoregressive model of the draft-model baseline")
+    p.add_argument("--tokenizer", type=Path, default=None, help="reuse this tokenizer instead of training one")
     args = p.parse_args()
+    CONFIG["num_hidden_layers"] = args.layers
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     train_files, held_out = stdlib_files()
-    if (work / "tokenizer.json").exists():
+    if (work / "tokenizer.json").exists() or args.tokenizer:
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(work))
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(args.tokenizer or work))
+        tokenizer.save_pretrained(str(work))
     else:
         tokenizer = train_tokenizer(train_files, work)
     if not (work / "tokens.npy").exists():
