@@ -85,3 +85,27 @@ def test_head_mode_trains_only_the_head_of_a_dflash_drafter(setup, tmp_path):
 def test_head_mode_needs_a_drafter(setup, tmp_path):
     with pytest.raises(ValueError, match="--mode head trains a head on an existing DFlash drafter"):
         run(setup, tmp_path / "x", "--steps", 1, "--mode", "head")
+
+
+def test_training_pass_equals_the_inference_drafter_at_every_anchor():
+    """Many blocks in one masked training pass give what drafting gives, block by block."""
+    import mlx.core as mx
+
+    from conftest import tiny_drafter
+    from treeflash_mlx.train import block_hidden
+
+    target = tiny_target("qwen3", seed=2)
+    drafter = tiny_drafter(target, layers=2, block_size=5)
+    rng = np.random.default_rng(0)
+    T, F = 20, len(drafter.args.target_layer_ids) * 64
+    features = mx.array(rng.normal(size=(2, T, F)).astype(np.float32))
+    anchors = mx.array([[3, 9, 14], [1, 7, 15]])
+    blocks = target.model.embed_tokens(mx.array(rng.integers(0, 255, size=(2, 3, 5))))
+    trained = block_hidden(drafter, features, blocks, anchors)
+    for s in range(2):
+        for j in range(3):
+            a = int(anchors[s, j])
+            cache = drafter.make_cache()
+            drafter.append_context(features[s : s + 1, :a], cache)
+            want = drafter(blocks[s, j][None], cache)[0]
+            np.testing.assert_allclose(np.array(trained[s, j]), np.array(want), atol=1e-4, rtol=1e-4)
