@@ -93,6 +93,12 @@ BROKEN = {
     "missing tensor": (lambda p: drop_tensor(p, key="ar_approximation.ug.bias"), "missing 1 tensor(s)"),
     "unexpected tensor": (lambda p: drop_tensor(p, add="model.extra.weight"), "unexpected tensor(s), e.g. 'model.extra.weight'"),
     "mis-shaped": (lambda p: drop_tensor(p, reshape="model.fc.weight"), "'model.fc.weight' has shape"),
+    "zero heads": (lambda p: break_config(p, lambda c: c.update(num_attention_heads=0)),
+                   "num_attention_heads must be a positive integer"),
+    "bad quantization": (lambda p: break_config(p, lambda c: c.update(quantization={"bits": 4})),
+                         "invalid quantization entry"),
+    "shard outside": (lambda p: (p / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.fc.weight": "../elsewhere.safetensors"}})), "names a file outside"),
 }
 
 

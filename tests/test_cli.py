@@ -74,6 +74,7 @@ BAD = {
     "missing drafter": (["-p", "x", "--drafter", "/nonexistent/drafter"], "drafter directory '/nonexistent/drafter' does not exist"),
     "missing model": (["-p", "x", "--model", "./no-model"], "model directory './no-model' does not exist"),
     "mismatched": (["-p", "x", "--drafter", "OTHER"], "drafter does not match the target: hidden size 32"),
+    "empty stop string": (["-p", "x", "--stop", ""], "stop strings must be non-empty text"),
     "ar with head mode": (["-p", "x", "--drafter", "NONE", "--mode", "treeflash"], "mode 'treeflash' needs a drafter"),
 }
 

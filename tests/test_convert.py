@@ -287,3 +287,16 @@ def test_restricted_unpickler_reads_plain_state_dicts_only(tmp_path):
         z.writestr("archive/data.pkl", pickle.dumps(Evil()))
     with pytest.raises(ValueError, match="refusing to load"):
         load_bin(tmp_path / "evil.bin")
+
+
+def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, str(tmp_path / "ok.bin"))
+    with zipfile.ZipFile(tmp_path / "ok.bin") as src, zipfile.ZipFile(tmp_path / "bad.bin", "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("data.pkl"):
+                assert data.count(b"QK\x00K\x04\x85") == 1
+                data = data.replace(b"QK\x00K\x04\x85", b"QK\x00K\x0c\x85")  # size 4 -> 12 over 4 elements
+            dst.writestr(name, data)
+    with pytest.raises(ValueError, match="reaches past the end of its storage"):
+        load_bin(tmp_path / "bad.bin")

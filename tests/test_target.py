@@ -82,6 +82,8 @@ def test_features_are_the_outputs_of_the_selected_layers():
         outs.append(h[0])
     want = np.concatenate([np.array(outs[2]), np.array(outs[0])], axis=-1)  # in the order asked for
     np.testing.assert_allclose(np.array(feats), want, atol=1e-4, rtol=1e-4)
+    _, twice = target.forward(mx.array(tokens), target.make_cache(), capture=[1, 1])
+    np.testing.assert_allclose(np.array(twice), np.concatenate([np.array(outs[1])] * 2, axis=-1), atol=1e-4)
 
 
 def test_chunked_prefill_equals_one_pass():

@@ -62,11 +62,17 @@ def read_config(path: Path) -> tuple[DrafterConfig, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"drafter config '{file}' is not valid JSON ({err})") from None
     try:
-        return DrafterConfig.from_dict(raw), raw
+        config = DrafterConfig.from_dict(raw)
     except KeyError as err:
         raise ValueError(f"drafter config '{file}' lacks the required key {err.args[0]!r}") from None
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as err:
         raise ValueError(f"drafter config '{file}' is invalid: {err}") from None
+    quant = raw.get("quantization")
+    if quant is not None and not (
+        isinstance(quant, dict) and quant.get("bits") in (2, 3, 4, 5, 6, 8) and quant.get("group_size") in (32, 64, 128)
+    ):
+        raise ValueError(f"drafter config '{file}' has an invalid quantization entry {quant!r}")
+    return config, raw
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -77,6 +83,9 @@ def weight_files(path: Path) -> list[Path]:
                 names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, AttributeError):
                 raise ValueError(f"shard index '{path / index}' is not a valid weight_map index") from None
+            outside = [n for n in names if (path / n).resolve().parent != path.resolve()]
+            if outside:
+                raise ValueError(f"shard index '{path / index}' names a file outside the checkpoint: '{outside[0]}'")
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise FileNotFoundError(f"shard '{missing[0]}' listed in '{path / index}' is missing")

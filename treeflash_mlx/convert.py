@@ -80,8 +80,10 @@ class _Staging:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if self.dst.exists():
+        if self.dst.is_dir() and not self.dst.is_symlink():
             shutil.rmtree(self.dst)
+        elif self.dst.exists() or self.dst.is_symlink():
+            self.dst.unlink()
         self.tmp.rename(self.dst)
         return False
 

@@ -50,6 +50,14 @@ class DrafterConfig:
     candidate_tokens: int = 16
 
     def __post_init__(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "vocab_size", "num_target_layers", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if not self.target_layer_ids:

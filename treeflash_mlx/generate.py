@@ -73,7 +73,10 @@ def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
         return tokenizer.encode(text)
     messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     messages.append({"role": "user", "content": text})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as err:  # e.g. a template that refuses a system message
+        raise ValueError(f"the model's chat template failed ({err}); try --ignore-chat-template") from None
 
 
 def run(args: argparse.Namespace) -> None:

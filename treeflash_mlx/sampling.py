@@ -40,8 +40,7 @@ def node_logprobs(
                 row = processor(seen, row)
             rows.append(row)
         logits = mx.concatenate(rows, axis=0)
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # in the model's dtype, as mlx-lm does
 
 
 def accept(tree: DraftTree, samples: np.ndarray) -> tuple[list[int], int]:

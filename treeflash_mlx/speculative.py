@@ -90,6 +90,11 @@ def _check_options(opts: DraftOptions, drafter: Drafter | None, max_tokens: int)
     return opts
 
 
+def _check_stop_strings(stop_strings: Sequence[str]) -> None:
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise ValueError("stop strings must be non-empty text")
+
+
 def default_mode(drafter: Drafter | None) -> str:
     if drafter is None:
         return "ar"
@@ -171,6 +176,7 @@ def stream_generate(
     """
     opts = _check_options(DraftOptions(mode or default_mode(drafter), tree_size, top_m, top_k, drafter_temp),
                           drafter, max_tokens)
+    _check_stop_strings(stop_strings)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if isinstance(prompt, str):

@@ -89,19 +89,18 @@ class Target:
             mask = mx.array(full)[None, None]
             rope_positions = mx.array(positions.astype(np.int32))
         h = self.embed_tokens(tokens[None])
-        features = []
+        features = {}
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
             h = h + self._attention(layer.self_attn, layer.input_layernorm(h), mask, c, rope_positions)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if i in capture:
-                features.append(h)
+                features[i] = h
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.model.model.norm(h))[0]
         if not capture:
             return logits, None
-        order = sorted(capture)
-        return logits, mx.concatenate([features[order.index(i)] for i in capture], axis=-1)[0]
+        return logits, mx.concatenate([features[i] for i in capture], axis=-1)[0]
 
 
     def verify(self, tree, cache: list[KVCache], capture: list[int] = ()) -> tuple[mx.array, mx.array | None]:

@@ -29,6 +29,10 @@ STORAGE_DTYPES = {
 }
 
 
+class UnsafeCheckpointError(ValueError):
+    pass
+
+
 class _Storage(str):
     """The storage type named in the pickle (a marker, not a callable)."""
 
@@ -37,7 +41,19 @@ class _BF16(np.ndarray):
     """A uint16 array that holds bfloat16 bits."""
 
 
+MAX_ELEMENTS = 1 << 34  # far above any drafter tensor; refuses "huge size, stride 0" bombs
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_):
+    if not isinstance(storage, np.ndarray):
+        raise UnsafeCheckpointError("a tensor's storage is not a storage")
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if offset < 0 or len(size) != len(stride) or any(s < 0 for s in size + stride):
+        raise UnsafeCheckpointError(f"tensor layout offset={offset} size={size} stride={stride} is invalid")
+    if int(np.prod(size, dtype=np.int64)) > MAX_ELEMENTS:
+        raise UnsafeCheckpointError(f"tensor of size {size} is implausibly large")
+    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= len(storage):
+        raise UnsafeCheckpointError(f"tensor of size {size} reaches past the end of its storage")
     itemsize = storage.dtype.itemsize
     out = np.lib.stride_tricks.as_strided(
         storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
@@ -57,10 +73,6 @@ ALLOWED = {
 }
 
 
-class UnsafeCheckpointError(ValueError):
-    pass
-
-
 class _Unpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
         super().__init__(file)
@@ -72,7 +84,7 @@ class _Unpickler(pickle.Unpickler):
         return ALLOWED[(module, name)]
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and isinstance(pid[1], _Storage)):
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
             raise UnsafeCheckpointError(f"unexpected persistent id {pid!r}")
         kind, key = str(pid[1]), pid[2]
         raw = self.archive.read(f"{self.prefix}data/{key}")
@@ -84,6 +96,13 @@ def load_bin(path: Path) -> dict[str, mx.array]:
     """The tensors of a ``torch.save``d state dict, as MLX arrays (bfloat16 preserved)."""
     if not zipfile.is_zipfile(path):
         raise ValueError(f"'{path}' is not a PyTorch zip checkpoint (legacy or corrupt); re-save it with torch>=1.6")
+    try:
+        return _load_zip(path)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"'{path}' is a damaged zip archive ({err})") from None
+
+
+def _load_zip(path: Path) -> dict[str, mx.array]:
     with zipfile.ZipFile(path) as archive:
         pkl = [n for n in archive.namelist() if n.endswith("data.pkl")]
         if len(pkl) != 1:
@@ -94,13 +113,13 @@ def load_bin(path: Path) -> dict[str, mx.array]:
                 state = _Unpickler(file, archive, prefix).load()
             except UnsafeCheckpointError as err:
                 raise UnsafeCheckpointError(f"'{path}': {err}") from None
-            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+            except Exception as err:  # any damage to the file: one clear line, never a traceback
                 raise ValueError(f"'{path}' cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' does not hold a state dict")
     out = {}
     for key, value in state.items():
-        if not isinstance(value, np.ndarray):
-            raise ValueError(f"'{path}': entry '{key}' is not a tensor")
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise ValueError(f"'{path}': entry {key!r} is not a named tensor")
         out[key] = mx.array(value.view(np.uint16)).view(mx.bfloat16) if isinstance(value, _BF16) else mx.array(value)
     return out
