@@ -109,3 +109,17 @@ def test_training_pass_equals_the_inference_drafter_at_every_anchor():
             drafter.append_context(features[s : s + 1, :a], cache)
             want = drafter(blocks[s, j][None], cache)[0]
             np.testing.assert_allclose(np.array(trained[s, j]), np.array(want), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_settings_fail_before_any_work(setup, tmp_path):
+    with pytest.raises(ValueError, match="target_layer_ids \\[9\\] out of range"):
+        run(setup, tmp_path / "x", "--steps", 1, "--target-layer-ids", "1,9")
+    with pytest.raises(ValueError, match="--gen-tokens \\(4\\) must be at least --block-size \\(6\\)"):
+        run(setup, tmp_path / "x", "--steps", 1, "--gen-tokens", 4)
+    assert not (tmp_path / "x.work" / "seqs.npz").exists()
+
+
+def test_a_work_dir_of_other_settings_is_not_reused(setup, tmp_path):
+    run(setup, tmp_path / "d", "--steps", 1)
+    with pytest.raises(ValueError, match="holds a run with other settings \\(gen_tokens\\)"):
+        run(setup, tmp_path / "d", "--steps", 2, "--gen-tokens", 30)

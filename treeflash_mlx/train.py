@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +42,7 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from .checkpoints import load_drafter, save_drafter  # noqa: E402
+from .checkpoints import load_drafter, save_drafter, validate  # noqa: E402
 from .drafter import Drafter, DrafterConfig  # noqa: E402
 from .speculative import load, stream_generate  # noqa: E402
 from .target import Target  # noqa: E402
@@ -55,7 +55,8 @@ MODES = ("full", "head", "backbone")
 
 
 def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, rng) -> list[list[int]]:
-    """Token prompts: random windows of text files and the ``prompt`` field of JSONL lines."""
+    """Token prompts of at most ``prompt_tokens``: windows of text files, ``prompt`` fields of JSONL lines
+    (longer ones keep their end)."""
     texts, jsonl = [], []
     for f in files:
         if not f.is_file():
@@ -72,7 +73,7 @@ def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, r
     texts = [t for t in texts if len(t) > prompt_tokens]
     if not texts and not jsonl:
         raise ValueError(f"no usable training data: text files need more than {prompt_tokens} tokens")
-    prompts = [p for p in jsonl if p]
+    prompts = [p[-prompt_tokens:] for p in jsonl if p]
     weights = np.array([len(t) for t in texts], dtype=np.float64)
     while texts and len(prompts) < count:
         t = texts[rng.choice(len(texts), p=weights / weights.sum())]
@@ -81,23 +82,29 @@ def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, r
     return prompts[:count] if len(prompts) > count else prompts
 
 
-def continue_greedily(model: nn.Module, prompts: list[list[int]], gen_tokens: int, batch: int) -> np.ndarray:
-    """The target's own greedy continuations, ``batch`` prompts at a time; returns (N, P + gen_tokens)."""
+def continue_greedily(model: nn.Module, prompts: list[list[int]], length: int, batch: int) -> np.ndarray:
+    """Each prompt continued greedily by the target up to ``length`` tokens in all: (N, length).
+
+    Prompts of one length are batched together (no padding, so nothing changes what the target sees)."""
     target = Target(model)
-    length = min(len(p) for p in prompts)  # one length for all: cut every prompt from the left
-    seqs = []
-    for i in range(0, len(prompts), batch):
-        x = mx.array([p[len(p) - length :] for p in prompts[i : i + batch]])
-        cache = target.make_cache()
-        out = [x]
-        logits = model(x, cache=cache)[:, -1]
-        for _ in range(gen_tokens):
-            y = mx.argmax(logits, axis=-1)[:, None]
-            out.append(y)
-            logits = model(y, cache=cache)[:, -1]
-            mx.eval(logits, y)
-        seqs.append(np.array(mx.concatenate(out, axis=1)))
-    return np.concatenate(seqs)
+    out = np.zeros((len(prompts), length), dtype=np.int64)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for n, rows in by_length.items():
+        for j in range(0, len(rows), batch):
+            part = rows[j : j + batch]
+            x = mx.array([prompts[i] for i in part])
+            cache = target.make_cache()
+            pieces = [x]
+            logits = model(x, cache=cache)[:, -1]
+            for _ in range(length - n):
+                y = mx.argmax(logits, axis=-1)[:, None]
+                pieces.append(y)
+                logits = model(y, cache=cache)[:, -1]
+                mx.eval(logits, y)
+            out[part] = np.array(mx.concatenate(pieces, axis=1))
+    return out
 
 
 def target_features(model: nn.Module, seqs: np.ndarray, layer_ids: list[int], batch: int) -> np.ndarray:
@@ -248,9 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train(args: argparse.Namespace) -> dict:
+def check_args(args: argparse.Namespace) -> None:
     if args.mode == "head" and args.drafter is None:
         raise ValueError("--mode head trains a head on an existing DFlash drafter: pass it with --drafter")
+    for name in ("steps", "batch", "anchors", "save_every", "num_prompts", "prompt_tokens", "gen_batch", "layers"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.gen_tokens < args.block_size:
+        raise ValueError(f"--gen-tokens ({args.gen_tokens}) must be at least --block-size ({args.block_size})")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name("tmp-" + path.name)  # same suffix: mx.save_safetensors insists on it
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    check_args(args)
     model, tokenizer, _ = load(args.model)
     target = Target(model)
     work = args.work_dir or args.out.parent / (args.out.name + ".work")
@@ -270,24 +294,41 @@ def train(args: argparse.Namespace) -> dict:
         mask = args.mask_token_id if args.mask_token_id is not None else target.vocab_size - 1
         drafter = new_drafter(target, args.layers, args.block_size, args.target_layer_ids, mask,
                               head=args.mode != "backbone")
+    validate(drafter.args, target)
     B, ids = drafter.args.block_size, drafter.args.target_layer_ids
+    meta = {"model": str(args.model), "drafter": str(args.drafter), "mode": args.mode, "target_layer_ids": ids,
+            "block_size": B, "num_prompts": args.num_prompts, "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens, "eval_prompts": args.eval_prompts, "seed": args.seed,
+            "data": [str(f) for f in args.data]}
+    if (work / "meta.json").exists():
+        old = json.loads((work / "meta.json").read_text())
+        changed = sorted(k for k in meta if old.get(k) != meta[k])
+        if changed:
+            raise ValueError(f"{work} holds a run with other settings ({', '.join(changed)}); "
+                             "use another --work-dir or delete it")
+    else:
+        (work / "meta.json").write_text(json.dumps(meta, indent=2))
 
-    if (work / "seqs.npy").exists():
-        seqs, eval_prompts = np.load(work / "seqs.npy"), json.loads((work / "eval_prompts.json").read_text())
+    if (work / "seqs.npz").exists():
+        data = np.load(work / "seqs.npz")
+        seqs, prompt_lens = data["seqs"], data["prompt_lens"]
+        eval_prompts = json.loads((work / "eval_prompts.json").read_text())
     else:
         prompts = read_prompts(args.data, tokenizer, args.prompt_tokens, args.num_prompts + args.eval_prompts, rng)
         eval_prompts, prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]
+        if not prompts:
+            raise ValueError("no training prompts left after the held-out ones: add data or lower --eval-prompts")
         print(f"generating the target's continuations of {len(prompts)} prompts", file=sys.stderr)
-        seqs = continue_greedily(model, prompts, args.gen_tokens, args.gen_batch)
-        np.save(work / "seqs.npy", seqs)
+        seqs = continue_greedily(model, prompts, args.prompt_tokens + args.gen_tokens, args.gen_batch)
+        prompt_lens = np.array([len(p) for p in prompts])
         (work / "eval_prompts.json").write_text(json.dumps(eval_prompts))
-    if (work / "features.npy").exists():
-        features = np.load(work / "features.npy", mmap_mode="r")
-    else:
+        _atomic_write(work / "seqs.npz", lambda f: np.savez(open(f, "wb"), seqs=seqs, prompt_lens=prompt_lens))
+    if not (work / "features.npy").exists():
         print(f"computing target features of {len(seqs)} sequences", file=sys.stderr)
-        np.save(work / "features.npy", target_features(model, seqs, ids, args.gen_batch))
-        features = np.load(work / "features.npy", mmap_mode="r")
-    prompt_len = seqs.shape[1] - args.gen_tokens
+        feats = target_features(model, seqs, ids, args.gen_batch)
+        _atomic_write(work / "features.npy", lambda f: np.save(open(f, "wb"), feats))
+        del feats
+    features = np.load(work / "features.npy", mmap_mode="r")
 
     if args.mode == "head":
         drafter.freeze()
@@ -305,10 +346,11 @@ def train(args: argparse.Namespace) -> dict:
 
     loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: losses(d, target, *a, args.mode))
 
-    def save_state():
-        mx.save_safetensors(str(work / "drafter.safetensors"), dict(tree_flatten(drafter.parameters())))
-        mx.save_safetensors(str(work / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (work / "state.json").write_text(json.dumps({"step": step}))
+    def save_state():  # state.json last: it names a step only once that step's files are complete
+        for name, tree in (("drafter", drafter.parameters()), ("optimizer", optimizer.state)):
+            _atomic_write(work / f"{name}.safetensors",
+                          lambda f, t=tree: mx.save_safetensors(str(f), dict(tree_flatten(t))))
+        _atomic_write(work / "state.json", lambda f: f.write_text(json.dumps({"step": step})))
 
     from tqdm import tqdm
 
@@ -318,7 +360,9 @@ def train(args: argparse.Namespace) -> dict:
         step_rng = np.random.default_rng([args.seed, step])  # a resumed run sees the same batches
         rows = step_rng.choice(len(seqs), size=min(args.batch, len(seqs)), replace=False)
         rows.sort()
-        anchors = step_rng.integers(prompt_len - 1, seqs.shape[1] - B + 1, size=(len(rows), args.anchors))
+        # anchors (root positions) anywhere in the continuation, the last prompt token included
+        low = prompt_lens[rows][:, None] - 1
+        anchors = step_rng.integers(low, seqs.shape[1] - B + 1, size=(len(rows), args.anchors))
         batch = (mx.array(seqs[rows].astype(np.int32)), mx.array(features[rows]).astype(mx.float32), mx.array(anchors))
         (loss, block, head), grads = loss_and_grad(drafter, *batch)
         optimizer.update(drafter, grads)
