@@ -114,7 +114,7 @@ def test_training_pass_equals_the_inference_drafter_at_every_anchor():
 def test_bad_settings_fail_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match="target_layer_ids \\[9\\] out of range"):
         run(setup, tmp_path / "x", "--steps", 1, "--target-layer-ids", "1,9")
-    with pytest.raises(ValueError, match="--gen-tokens \\(4\\) must be at least --block-size \\(6\\)"):
+    with pytest.raises(ValueError, match="--gen-tokens \\(4\\) must be at least the block size \\(6\\)"):
         run(setup, tmp_path / "x", "--steps", 1, "--gen-tokens", 4)
     assert not (tmp_path / "x.work" / "seqs.npz").exists()
 

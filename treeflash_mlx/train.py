@@ -207,8 +207,12 @@ def new_drafter(target: Target, layers: int, block_size: int, layer_ids: list[in
         max_position_embeddings=getattr(args, "max_position_embeddings", None) or 40960,
         target_layer_ids=layer_ids or [], ar_approximation="swiglu" if head else None,
     )
-    drafter = Drafter(config)
-    if head:  # the head starts as the identity correction, as in the published training
+    return zero_head(Drafter(config))
+
+
+def zero_head(drafter: Drafter) -> Drafter:
+    """A new head starts as the identity correction (``d = 0``), as in the published training."""
+    if drafter.has_head:
         drafter.ar_approximation.d.weight = mx.zeros_like(drafter.ar_approximation.d.weight)
     return drafter
 
@@ -261,8 +265,6 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch", "anchors", "save_every", "num_prompts", "prompt_tokens", "gen_batch", "layers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.gen_tokens < args.block_size:
-        raise ValueError(f"--gen-tokens ({args.gen_tokens}) must be at least --block-size ({args.block_size})")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
 
@@ -287,15 +289,16 @@ def train(args: argparse.Namespace) -> dict:
         drafter = base
         if args.mode != "backbone" and not base.has_head:  # add a fresh head to a DFlash drafter
             config = DrafterConfig.from_dict(dict(base.args.to_dict(), treeflash_config={"ar_approximation": "swiglu"}))
-            drafter = Drafter(config)
+            drafter = zero_head(Drafter(config))
             drafter.update(base.parameters())
-            drafter.ar_approximation.d.weight = mx.zeros_like(drafter.ar_approximation.d.weight)
     else:
         mask = args.mask_token_id if args.mask_token_id is not None else target.vocab_size - 1
         drafter = new_drafter(target, args.layers, args.block_size, args.target_layer_ids, mask,
                               head=args.mode != "backbone")
     validate(drafter.args, target)
     B, ids = drafter.args.block_size, drafter.args.target_layer_ids
+    if args.gen_tokens < B:
+        raise ValueError(f"--gen-tokens ({args.gen_tokens}) must be at least the block size ({B})")
     meta = {"model": str(args.model), "drafter": str(args.drafter), "mode": args.mode, "target_layer_ids": ids,
             "block_size": B, "num_prompts": args.num_prompts, "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens, "eval_prompts": args.eval_prompts, "seed": args.seed,
