@@ -1,6 +1,6 @@
 """Measure the demo pair on the held-out prompts: τ per drafting mode and speed against plain decoding.
 
-    python demos/evaluate.py [--prompts 16] [--max-tokens 128] [--tree-size 32]
+    python demos/evaluate.py [--prompts 16] [--max-tokens 128] [--tree-size 16 --draft-top-m 8 --draft-vocab 64]
 
 Every number comes from `python -m treeflash_mlx.generate --json` (greedy), the modes interleaved prompt by
 prompt so that machine noise hits all of them alike. Prints a Markdown table.
@@ -22,7 +22,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--tree-size", type=int, default=32)
+    p.add_argument("--tree-size", type=int, default=16)
+    p.add_argument("--draft-top-m", type=int, default=8)
+    p.add_argument("--draft-vocab", type=int, default=64)
     p.add_argument("--file", type=Path, default=Path(__file__).parent / "heldout_prompts.jsonl")
     args = p.parse_args()
     prompts = [json.loads(line)["prompt"] for line in args.file.read_text().splitlines()][: args.prompts]
@@ -31,7 +33,8 @@ def main() -> None:
     for i, prompt in enumerate(prompts):
         for mode in MODES:
             cmd = [sys.executable, "-m", "treeflash_mlx.generate", "--prompt", prompt, "--json", "--mode", mode,
-                   "--max-tokens", str(args.max_tokens), "--tree-size", str(args.tree_size)]
+                   "--max-tokens", str(args.max_tokens), "--tree-size", str(args.tree_size),
+                   "--draft-top-m", str(args.draft_top_m), "--draft-vocab", str(args.draft_vocab)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             results[mode].append(json.loads(out))
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)

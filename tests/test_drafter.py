@@ -138,3 +138,20 @@ def test_marginal_tables_are_one_row_per_depth(setup):
 def test_default_layer_ids_follow_the_published_rule():
     assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]
     assert default_target_layer_ids(28, 1) == [14]
+
+
+def test_head_vocab_restricts_each_depth_to_its_marginal_top_k(setup):
+    target, drafter, W, _, LM = setup
+    cfg = drafter.args
+    hidden = np.random.default_rng(3).normal(size=(cfg.block_size, cfg.hidden_size)).astype(np.float32)
+    full = transition_tables(drafter, Target(target), 9, mx.array(hidden), DraftOptions("treeflash", 32, 4, 4, 1.0))
+    same = transition_tables(drafter, Target(target), 9, mx.array(hidden),
+                             DraftOptions("treeflash", 32, 4, 4, 1.0, head_vocab=cfg.vocab_size))
+    assert all(np.array_equal(a, b) for a, b in zip(full, same)), "K >= vocabulary means no restriction"
+    tokens, logp, _ = transition_tables(drafter, Target(target), 9, mx.array(hidden),
+                                        DraftOptions("treeflash", 32, 4, 4, 1.0, head_vocab=20))
+    marginal = rms(hidden.astype(np.float64), W["model.norm.weight"], cfg.rms_norm_eps) @ LM.T
+    for d in range(1, cfg.block_size):
+        allowed = set(np.argsort(-marginal[d])[:20].tolist())
+        assert set(tokens[d - 1].ravel().tolist()) <= allowed
+    assert (logp <= 0).all() and (np.diff(logp, axis=-1) <= 1e-6).all()

@@ -20,16 +20,18 @@ def family_case(request):
     return target, prompts, [mlx_lm_greedy(target, p, N_TOKENS) for p in prompts]
 
 
-CASES = [(True, "treeflash"), (True, "marginal"), (True, "chain"), (True, "ar"),
-         (False, "marginal"), (False, "chain"), (False, "ar")]
+CASES = [(True, "treeflash", 0), (True, "treeflash", 32), (True, "marginal", 0), (True, "chain", 0),
+         (True, "ar", 0), (False, "marginal", 0), (False, "chain", 0), (False, "ar", 0)]
 
 
-@pytest.mark.parametrize("head,mode", CASES, ids=[f"{'head' if h else 'dflash'}-{m}" for h, m in CASES])
-def test_random_drafter_matches_mlx_lm_greedy(family_case, tokenizer, head, mode):
+@pytest.mark.parametrize("head,mode,vocab", CASES,
+                         ids=[f"{'head' if h else 'dflash'}-{m}" + (f"-vocab{v}" if v else "") for h, m, v in CASES])
+def test_random_drafter_matches_mlx_lm_greedy(family_case, tokenizer, head, mode, vocab):
     target, prompts, expected = family_case
     drafter = tiny_drafter(target, head=head)
     for prompt, reference in zip(prompts, expected):
-        out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode)]
+        out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode,
+                                                head_vocab=vocab)]
         assert out == reference
 
 

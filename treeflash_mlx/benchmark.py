@@ -103,7 +103,8 @@ def verify_costs(model, trees: dict, prefix: int = 256, repeats: int = 10) -> di
 def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, tree_size) -> dict:
     stats = RoundStats()
     responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=args.max_tokens, sampler=sampler,
-                                     mode=mode, tree_size=tree_size, stats=stats))
+                                     mode=mode, tree_size=tree_size, top_m=args.draft_top_m,
+                                     head_vocab=args.draft_vocab, stats=stats))
     tokens = [r.token for r in responses]
     if responses[-1].finish_reason == "stop" and tokens[-1] in tokenizer.eos_token_ids:
         tokens = tokens[:-1]  # mlx-lm does not emit the end-of-sequence token
@@ -263,7 +264,8 @@ def run(args: argparse.Namespace) -> None:
     if args.tree_size == "auto":
         profile_mode = next((m for m in ("treeflash", "marginal") if m in modes), None)
         if profile_mode is not None:
-            profile = [warm[modes.index(profile_mode)]] + [once(profile_mode, p, 64) for p in prompts[1:3]]
+            spread = prompts[1 :: max(1, len(prompts) // 4)]  # a spread of prompts, not just the first ones
+            profile = [warm[modes.index(profile_mode)]] + [once(profile_mode, p, 64) for p in spread]
             draft_s = np.mean([sum(v for k, v in r["stages"].items() if k != "verify") / max(1, len(r["taus"]))
                                for r in profile])
             best, table = auto_tree_size(profile, costs, draft_s)
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--tree-size", default="64", help="node budget for tree modes, or 'auto'")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round for draft-model")
+    p.add_argument("--draft-top-m", type=int, default=16, help="as in generate: candidate previous tokens per depth")
+    p.add_argument("--draft-vocab", type=int, default=0, help="as in generate: head over the marginal top-K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="directory for results.json and plots")
     return p

@@ -25,6 +25,7 @@ class DraftOptions:
     top_m: int = 16  # candidate previous tokens per depth (head rows)
     top_k: int = 16  # branching: children kept per table row
     temperature: float = 1.0  # drafter temperature: shapes the tree's scores only, never the output
+    head_vocab: int = 0  # >0: the head's distribution at depth d covers only the marginal top-K of depth d
 
 
 def _top(values: mx.array, k: int) -> tuple[mx.array, mx.array]:
@@ -57,15 +58,33 @@ def transition_tables(
         return tokens[:, None], logp[:, None], np.zeros(tokens[:, None].shape, dtype=np.int64)
 
     m = min(opts.top_m, target.vocab_size)
-    # Candidate previous tokens: the marginal top-m at depths 1..B-2 (block positions 1..B-2).
-    marg_idx, marg_val = _top(target.lm_head(normed[1 : B - 1]), m)
+    marginal = target.lm_head(normed[1:])  # depths 1..B-1
+    # Candidate previous tokens: the marginal top-m at depths 1..B-2.
+    marg_idx, marg_val = _top(marginal[: B - 2], m)
     marg_idx = mx.take_along_axis(marg_idx, mx.argsort(-marg_val, axis=-1), axis=-1)  # row r = rank r
     embed = target.embed_tokens
     # Depth 1 has a single previous token, the root; depths 2..B-1 have m candidates each.
     first = drafter.correct(hidden[1:2], embed(mx.array([root])))
     rest = drafter.correct(hidden[2:, None, :], embed(marg_idx[: B - 2]))
     corrected = mx.concatenate([first, rest.reshape(-1, rest.shape[-1])], axis=0)
-    idx, logp = _top(_log_softmax(target.lm_head(drafter.model.norm(corrected)), opts.temperature), k)
+    normed = drafter.model.norm(corrected)  # (1 + (B-2)·m, H)
+    if opts.head_vocab and opts.head_vocab < target.vocab_size:
+        # On CPUs the lm_head, exp and selection over the whole vocabulary for every row cost more than the
+        # head itself: score each row only over its depth's marginal top-K (tree scores only; lossless).
+        k = min(k, opts.head_vocab)
+        vocab, _ = _top(marginal, opts.head_vocab)  # (B-1, K)
+        row_vocab = mx.concatenate([vocab[:1], mx.repeat(vocab[1:], m, axis=0)], axis=0)
+        weight = target.lm_head_weight()
+        if weight is None:  # quantized head: project fully, then keep the candidates
+            logits = mx.take_along_axis(target.lm_head(normed), row_vocab, axis=-1)
+        else:  # project onto the K candidate rows of the head only
+            first_logits = normed[:1] @ weight[vocab[0]].T
+            rest_logits = normed[1:].reshape(B - 2, m, -1) @ weight[vocab[1:]].transpose(0, 2, 1)
+            logits = mx.concatenate([first_logits, rest_logits.reshape(-1, vocab.shape[-1])], axis=0)
+        idx, logp = _top(_log_softmax(logits, opts.temperature), k)
+        idx = mx.take_along_axis(row_vocab, idx, axis=-1)
+    else:
+        idx, logp = _top(_log_softmax(target.lm_head(normed), opts.temperature), k)
     mx.eval(idx, logp, marg_idx)
 
     cand = np.array(marg_idx)  # (B-2, m)

@@ -83,6 +83,8 @@ def _check_options(opts: DraftOptions, drafter: Drafter | None, max_tokens: int)
     for name in ("tree_size", "top_m", "top_k"):
         if getattr(opts, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(opts, name)}")
+    if opts.head_vocab < 0:
+        raise ValueError(f"head_vocab must be >= 0 (0: the whole vocabulary), got {opts.head_vocab}")
     if not opts.temperature > 0:
         raise ValueError(f"drafter temperature must be > 0, got {opts.temperature}")
     if max_tokens < 1:
@@ -165,6 +167,7 @@ def stream_generate(
     top_m: int = 16,
     top_k: int = 16,
     drafter_temp: float = 1.0,
+    head_vocab: int = 0,
     stop_strings: Sequence[str] = (),
     stats: RoundStats | None = None,
 ) -> Generator[GenerationResponse, None, None]:
@@ -174,8 +177,9 @@ def stream_generate(
     processors see, for each tree node, the committed tokens and that node's own path as history.
     ``stats`` collects a per-stage profile (at the cost of a sync per stage).
     """
-    opts = _check_options(DraftOptions(mode or default_mode(drafter), tree_size, top_m, top_k, drafter_temp),
-                          drafter, max_tokens)
+    opts = _check_options(
+        DraftOptions(mode or default_mode(drafter), tree_size, top_m, top_k, drafter_temp, head_vocab), drafter, max_tokens
+    )
     _check_stop_strings(stop_strings)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)

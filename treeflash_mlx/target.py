@@ -44,6 +44,11 @@ class Target:
             return self.model.lm_head(normed)
         return self.embed_tokens.as_linear(normed)
 
+    def lm_head_weight(self) -> mx.array | None:
+        """The (vocab, hidden) output projection when it is a plain matrix (None when quantized)."""
+        head = self.model.lm_head if "lm_head" in self.model else self.embed_tokens
+        return None if "scales" in head or "bias" in head else head.weight
+
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
