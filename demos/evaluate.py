@@ -40,7 +40,7 @@ def main() -> None:
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
     reference = [r["tokens"] for r in results["ar"]]
     ar_tps = np.mean([r["generation_tps"] for r in results["ar"]])
-    print(f"| mode | mean τ | tokens/s | speed-up vs ar | identical to ar |")
+    print("| mode | mean τ | tokens/s | speed-up vs ar | identical to ar |")
     print("|---|---:|---:|---:|---:|")
     for mode in MODES:
         rs = results[mode]

@@ -20,17 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from . import _blas  # noqa: F401  (before mlx)
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.sample_utils import make_sampler
+
 from ._cli import run_cli
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx_lm.generate import stream_generate as mlx_lm_stream_generate  # noqa: E402
-from mlx_lm.sample_utils import make_sampler  # noqa: E402
-
-from .speculative import RoundStats, load, stream_generate  # noqa: E402
-from .target import Target  # noqa: E402
-from .tree import DraftTree, chain  # noqa: E402
+from .speculative import RoundStats, load, stream_generate
+from .target import Target
+from .tree import DraftTree, chain
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DEMO = Path(__file__).parent / "demo"

@@ -18,13 +18,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import _blas  # noqa: F401  (before mlx)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
 from ._cli import run_cli
-
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from .checkpoints import (  # noqa: E402
+from .checkpoints import (
     check_complete,
     check_tensors,
     expected_shapes,
@@ -36,8 +34,8 @@ from .checkpoints import (  # noqa: E402
     validate,
     weight_files,
 )
-from .speculative import load  # noqa: E402
-from .target import Target  # noqa: E402
+from .speculative import load
+from .target import Target
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 KNOWN_ARCHITECTURES = {"DFlashDraftModel", "TreeFlashDraftModel"}

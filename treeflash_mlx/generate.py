@@ -7,16 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from . import _blas  # noqa: F401  (before mlx)
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
 from ._cli import run_cli
-
-import mlx.core as mx  # noqa: E402
-from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: E402
-
-from .drafting import MODES  # noqa: E402
+from .drafting import MODES
+from .speculative import default_mode, load, stream_generate, summary
 
 DEMO = Path(__file__).parent / "demo"
-from .speculative import default_mode, load, stream_generate, summary  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

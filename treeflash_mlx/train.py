@@ -33,19 +33,17 @@ import sys
 import time
 from pathlib import Path
 
-from . import _blas  # noqa: F401  (before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
 from ._cli import run_cli
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-
-from .checkpoints import load_drafter, save_drafter, validate  # noqa: E402
-from .drafter import Drafter, DrafterConfig  # noqa: E402
-from .speculative import load, stream_generate  # noqa: E402
-from .target import Target  # noqa: E402
+from .checkpoints import load_drafter, save_drafter, validate
+from .drafter import Drafter, DrafterConfig
+from .speculative import load, stream_generate
+from .target import Target
 
 DEPTH_DECAY = 7.0
 MODES = ("full", "head", "backbone")
