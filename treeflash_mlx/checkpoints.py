@@ -22,6 +22,12 @@ from .torch_pickle import load_bin
 MODEL_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line: libraries' multi-line messages must not reach the user as a wall of text."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def resolve(path_or_repo: str, allow_patterns: list[str], what: str) -> Path:
     """A local directory as it is, else a Hugging Face repo id fetched (or found in the local cache)."""
     path = Path(path_or_repo).expanduser()
@@ -37,10 +43,9 @@ def resolve(path_or_repo: str, allow_patterns: list[str], what: str) -> Path:
     try:
         return Path(snapshot_download(path_or_repo, allow_patterns=allow_patterns))
     except Exception as err:  # offline, unknown repo, gated repo, network: one clear line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
             f"{what} '{path_or_repo}' is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}: {reason})"
+            f"({type(err).__name__}: {first_line(err)})"
         ) from None
 
 

@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .checkpoints import MODEL_FILES, load_drafter, resolve, validate
+from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
 from .drafting import MODES, DraftOptions, draft, untimed
 from .sampling import LogitsProcessor, Sampler, accept, greedy, node_logprobs
@@ -57,8 +57,7 @@ def load(
     try:
         target_model, tokenizer = mlx_load(str(model_path), tokenizer_config=tokenizer_config)
     except Exception as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load model '{model}': {message}") from None
+        raise ValueError(f"cannot load model '{model}': {first_line(err)}") from None
     target_model.model_path = model_path
     target = Target(target_model)
     if drafter is None:
