@@ -58,9 +58,10 @@ def test_a_mismatch_is_reported_loudly(models, tmp_path, capsys, monkeypatch):
         return out
 
     monkeypatch.setattr(benchmark, "run_ours", corrupted)
-    table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain")
+    table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain", "--profile-prompts", "0")
     assert report["results"][1]["lossless"] is False
     assert "MISMATCH" in table
+    assert report["results"][1]["ms_per_round"] is None, "no profiled runs were asked for: no time split"
 
 
 def test_bad_options_fail_clearly(models, capsys):

@@ -9,7 +9,7 @@ from conftest import tiny_drafter, tiny_target
 from mlx.utils import tree_flatten
 
 from treeflash_mlx.drafter import default_target_layer_ids
-from treeflash_mlx.drafting import DraftOptions, transition_tables
+from treeflash_mlx.drafting import DraftOptions, head_rows, transition_tables
 from treeflash_mlx.target import Target
 
 
@@ -155,3 +155,23 @@ def test_head_vocab_restricts_each_depth_to_its_marginal_top_k(setup):
         allowed = set(np.argsort(-marginal[d])[:20].tolist())
         assert set(tokens[d - 1].ravel().tolist()) <= allowed
     assert (logp <= 0).all() and (np.diff(logp, axis=-1) <= 1e-6).all()
+
+
+def test_small_budgets_compute_only_the_head_rows_a_tree_can_use(setup):
+    target, drafter, *_ = setup
+    B, m = drafter.args.block_size, 4
+    hidden = mx.array(np.random.default_rng(4).normal(size=(B, drafter.args.hidden_size)).astype(np.float32))
+    full = transition_tables(drafter, Target(target), 9, hidden, DraftOptions("treeflash", 64, m, 4, 1.0))
+    small = transition_tables(drafter, Target(target), 9, hidden, DraftOptions("treeflash", 8, m, 4, 1.0))
+    counts = head_rows(B, m, 8)  # candidates of depth j = 1..B-2 that get a row at depth j + 1
+    assert list(counts) == [min(m, max(1, (8 - j) // 2)) for j in range(1, B - 1)] and counts.min() < m
+    assert (head_rows(16, 16, 64) == 16).all(), "the published budget keeps every candidate row"
+    np.testing.assert_array_equal(small[0][0], full[0][0])  # depth 1: the root's row
+    rows = [m, *counts]  # rows that exist at depths 1..B-1
+    for j, kept in enumerate(counts, start=1):
+        np.testing.assert_array_equal(small[0][j, :kept], full[0][j, :kept])
+        np.testing.assert_allclose(small[1][j, :kept], full[1][j, :kept], rtol=1e-5, atol=1e-5)
+        assert np.isneginf(small[1][j, kept:]).all(), "rows no tree of this budget can use stay empty"
+        parent_rows = rows[j - 1]  # depth-j tokens continue to a depth-(j+1) row only if it exists
+        want = np.where(full[2][j - 1, :parent_rows] < kept, full[2][j - 1, :parent_rows], -1)
+        np.testing.assert_array_equal(small[2][j - 1, :parent_rows], want)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import mlx_lm_greedy, random_prompts, tiny_drafter, tiny_target
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
 
 import treeflash_mlx.speculative as speculative
 from treeflash_mlx import stream_generate
@@ -36,10 +39,11 @@ def test_random_drafter_matches_mlx_lm_greedy(family_case, tokenizer, head, mode
 
 
 def oracle_draft(truth: list[int], rng: np.random.Generator, block: int = 8):
-    """A test double for `draft`: the target's true continuation, with decoy branches placed before the true
-    node (so accepted paths are not contiguous in node order) and now and then a corrupted token."""
+    """Test doubles for `start_draft` and `finish_draft`: the target's true continuation, with decoy branches
+    placed before the true node (so accepted paths are not contiguous in node order) and now and then a
+    corrupted token."""
 
-    def fake_draft(drafter, target, root, cache, opts, timer=None):
+    def start(drafter, target, root, cache, opts, timer=None):
         start = cache[0].offset  # the drafter cache holds exactly the committed prefix
         tokens, parents, depths, cur = [root], [-1], [0], 0
         for depth, token in enumerate(truth[start + 1 : start + block], start=1):
@@ -55,7 +59,16 @@ def oracle_draft(truth: list[int], rng: np.random.Generator, block: int = 8):
             cur = len(tokens) - 1
         return DraftTree(np.array(tokens), np.array(parents), np.array(depths))
 
-    return fake_draft
+    def finish(root, tree, opts, timer=None):
+        return tree
+
+    return start, finish
+
+
+def use_oracle(monkeypatch, truth: list[int], rng: np.random.Generator) -> None:
+    start, finish = oracle_draft(truth, rng)
+    monkeypatch.setattr(speculative, "start_draft", start)
+    monkeypatch.setattr(speculative, "finish_draft", finish)
 
 
 def test_mostly_right_drafter_exercises_long_paths_and_compaction(tokenizer, monkeypatch):
@@ -65,7 +78,7 @@ def test_mostly_right_drafter_exercises_long_paths_and_compaction(tokenizer, mon
     taus = []
     for prompt in random_prompts(N_PROMPTS, seed=11):
         reference = mlx_lm_greedy(target, prompt, N_TOKENS)
-        monkeypatch.setattr(speculative, "draft", oracle_draft(prompt + reference, rng))
+        use_oracle(monkeypatch, prompt + reference, rng)
         responses = list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS))
         assert [r.token for r in responses] == reference
         taus += [r.acceptance_length for r in responses if r.round > 0 and not r.from_draft]
@@ -77,7 +90,7 @@ def test_bonus_and_draft_flags_and_rounds(tokenizer, monkeypatch):
     target = tiny_target("qwen3", seed=5)
     prompt = random_prompts(1, seed=2)[0]
     reference = mlx_lm_greedy(target, prompt, 32)
-    monkeypatch.setattr(speculative, "draft", oracle_draft(prompt + reference, np.random.default_rng(1)))
+    use_oracle(monkeypatch, prompt + reference, np.random.default_rng(1))
     responses = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=32))
     assert responses[0].round == 0 and not responses[0].from_draft
     for r in range(1, responses[-1].round):
@@ -85,3 +98,16 @@ def test_bonus_and_draft_flags_and_rounds(tokenizer, monkeypatch):
         assert len(tokens) == tokens[0].acceptance_length
         assert [x.from_draft for x in tokens] == [True] * (len(tokens) - 1) + [False]
     assert responses[-1].finish_reason == "length" and len(responses) == 32
+
+
+@pytest.mark.parametrize("sampler", [make_sampler(0.0), lambda logprobs: mx.argmax(logprobs, axis=-1)],
+                         ids=["mlx-lm-greedy", "other-argmax"])
+def test_every_token_carries_the_targets_log_probabilities(tokenizer, sampler):
+    """mlx-lm's greedy sampler lets the loop skip normalising every node; the logprobs must not change."""
+    target = tiny_target("qwen3", seed=6)
+    prompt = random_prompts(1, seed=9)[0]
+    want = [(int(t), np.array(lp)) for t, lp in generate_step(mx.array(prompt), target, max_tokens=24)]
+    got = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=24, sampler=sampler))
+    assert [r.token for r in got] == [t for t, _ in want]
+    for response, (_, logprobs) in zip(got, want):
+        np.testing.assert_allclose(np.array(response.logprobs), logprobs, rtol=1e-4, atol=1e-4)

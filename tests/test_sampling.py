@@ -8,7 +8,7 @@ import pytest
 from conftest import mlx_lm_greedy, random_prompts, tiny_drafter, tiny_target
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import apply_top_p, make_logits_processors, make_sampler
-from test_lossless_greedy import oracle_draft
+from test_lossless_greedy import use_oracle
 
 import treeflash_mlx.speculative as speculative
 from treeflash_mlx import stream_generate
@@ -112,7 +112,7 @@ def test_repetition_penalty_uses_each_nodes_own_path(tokenizer, monkeypatch):
         reference = [int(t) for t, _ in generate_step(mx.array(prompt), target, max_tokens=48,
                                                       logits_processors=processors)]
         assert reference != mlx_lm_greedy(target, prompt, 48), "the penalty should change the output"
-        monkeypatch.setattr(speculative, "draft", oracle_draft(prompt + reference, rng))
+        use_oracle(monkeypatch, prompt + reference, rng)
         out = list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=48, logits_processors=processors))
         assert [r.token for r in out] == reference
         assert max(r.acceptance_length for r in out) > 3

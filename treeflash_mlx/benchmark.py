@@ -98,8 +98,10 @@ def verify_costs(model, trees: dict, prefix: int = 256, repeats: int = 10) -> di
     return {k: float(np.median(v[1:])) for k, v in times.items()}
 
 
-def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, tree_size) -> dict:
-    stats = RoundStats()
+def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, tree_size, profile=False) -> dict:
+    """One generation; with ``profile``, every stage ends in a sync (see ``RoundStats``), so such runs give
+    the time split and the accepted paths, and the runs without it give the speed."""
+    stats = RoundStats() if profile else None
     responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=args.max_tokens, sampler=sampler,
                                      mode=mode, tree_size=tree_size, top_m=args.draft_top_m,
                                      head_vocab=args.draft_vocab, stats=stats))
@@ -107,10 +109,12 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, tree_size) 
     if responses[-1].finish_reason == "stop" and tokens[-1] in tokenizer.eos_token_ids:
         tokens = tokens[:-1]  # mlx-lm does not emit the end-of-sequence token
     last = responses[-1]
+    taus = list({r.round: r.acceptance_length for r in responses if r.round > 0}.values())
     return {"tokens": tokens, "seconds": last.generation_tokens / last.generation_tps,
-            "generated": last.generation_tokens, "taus": [len(path) for _, path in stats.rounds],
-            "nodes": [n for n, _ in stats.rounds], "paths": [path for _, path in stats.rounds],
-            "stages": stats.seconds}
+            "generated": last.generation_tokens, "taus": taus,
+            "nodes": [n for n, _ in stats.rounds] if stats else [],
+            "paths": [path for _, path in stats.rounds] if stats else [],
+            "stages": stats.seconds if stats else {}}
 
 
 def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
@@ -146,22 +150,23 @@ def auto_tree_size(runs: list[dict], costs: dict[str, float], draft_seconds: flo
     return best, table
 
 
-def summarize(mode: str, runs: list[dict], ar_runs: list[dict], step_seconds: float, verify_seconds: float,
-              temp: float) -> dict:
-    """One row of the report; ``step_seconds``/``verify_seconds``: measured cost of a plain step / this verify."""
+def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[dict], step_seconds: float,
+              verify_seconds: float, temp: float) -> dict:
+    """One row of the report from the timed ``runs`` and the ``profiles`` (profiled runs: time split, tree
+    sizes); ``step_seconds``/``verify_seconds``: measured cost of a plain step / of this mode's verification."""
     seconds = sum(r["seconds"] for r in runs)
     tps = sum(r["generated"] for r in runs) / seconds
     ar_tps = sum(r["generated"] for r in ar_runs) / sum(r["seconds"] for r in ar_runs)
     taus = [t for r in runs for t in r["taus"]]
     tau = float(np.mean(taus))
-    nodes = [n for r in runs for n in r["nodes"]]
+    nodes = [n for r in (profiles or runs) for n in r["nodes"]]
     ideal = tau * step_seconds / verify_seconds
-    rounds = max(1, len(taus))
-    stages = {k: 1e3 * sum(r["stages"].get(k, 0.0) for r in runs) / rounds for k in RoundStats.STAGES}
+    rounds = max(1, sum(len(r["taus"]) for r in profiles))
+    stages = {k: 1e3 * sum(r["stages"][k] for r in profiles) / rounds for k in RoundStats.STAGES}
     lossless = None if temp > 0 else all(r["tokens"] == a["tokens"] for r, a in zip(runs, ar_runs))
     return {"mode": mode, "mean_acceptance_length": tau, "tokens_per_s": tps, "speedup_vs_ar": tps / ar_tps,
-            "ideal_speedup": ideal, "efficiency": (tps / ar_tps) / ideal, "nodes_per_round": float(np.mean(nodes)),
-            "ms_per_round": stages if runs[0]["stages"] else None, "lossless": lossless, "taus": taus}
+            "ideal_speedup": ideal, "efficiency": (tps / ar_tps) / ideal, "nodes_per_round": float(np.mean(nodes)) if nodes else None,
+            "ms_per_round": stages if profiles else None, "lossless": lossless, "taus": taus}
 
 
 def markdown(results: list[dict]) -> str:
@@ -203,9 +208,12 @@ def plot(results: list[dict], costs: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "tau_histogram.png", dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    sizes = sorted(int(k[4:]) for k in costs if k.startswith("tree"))
-    ax.plot(sizes, [costs[f"tree{n}"] / costs["step"] for n in sizes], marker="o")
-    ax.set_xlabel("tree nodes verified")
+    for shape in ("tree", "chain"):
+        sizes = sorted(int(k[len(shape):]) for k in costs if k.startswith(shape))
+        if sizes:
+            ax.plot(sizes, [costs[f"{shape}{n}"] / costs["step"] for n in sizes], marker="o", label=shape)
+    ax.legend()
+    ax.set_xlabel("nodes verified")
     ax.set_ylabel("cost / one mlx-lm step")
     fig.tight_layout()
     fig.savefig(out / "verify_cost.png", dpi=120)
@@ -220,6 +228,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
     if args.max_tokens < 1 or args.num_prompts < 1:
         raise ValueError("--max-tokens and --num-prompts must be at least 1")
+    if args.profile_prompts < 0:
+        raise ValueError(f"--profile-prompts must be >= 0, got {args.profile_prompts}")
     if args.temp < 0:
         raise ValueError(f"--temp must be >= 0, got {args.temp}")
     if args.tree_size != "auto" and not (args.tree_size.isdigit() and int(args.tree_size) >= 1):
@@ -242,28 +252,33 @@ def run(args: argparse.Namespace) -> None:
     sampler = make_sampler(args.temp)
     mx.random.seed(args.seed)
 
-    def once(mode: str, prompt, tree_size: int) -> dict:
+    def once(mode: str, prompt, tree_size: int, profile: bool = False) -> dict:
         if mode in ("ar", "draft-model"):
             return run_mlx_lm(model, tokenizer, draft_model if mode == "draft-model" else None, prompt, args, sampler)
-        return run_ours(model, tokenizer, drafter, prompt, mode.split("@")[0], args, sampler, tree_size)
+        return run_ours(model, tokenizer, drafter, prompt, mode.split("@")[0], args, sampler, tree_size, profile)
 
     B = drafter.args.block_size if drafter is not None else 16
     rng = np.random.default_rng(0)
-    sizes = sorted(set(AUTO_CANDIDATES) | ({int(args.tree_size)} if args.tree_size != "auto" else set()))
-    trees = {f"tree{n}": bushy_tree(int(n), model.args.vocab_size, rng) for n in sizes}
-    trees[f"chain{B}"] = chain(0, rng.integers(0, model.args.vocab_size, B - 1))
-    trees[f"chain{args.num_draft_tokens + 1}"] = chain(0, rng.integers(0, model.args.vocab_size, args.num_draft_tokens))
+    vocab = model.args.vocab_size
+    sizes = set()  # the verification costs this run's modes need (tree modes: the whole curve, for the plot)
+    if any(m in TREE_MODES for m in modes):
+        sizes = set(AUTO_CANDIDATES) | ({int(args.tree_size)} if args.tree_size != "auto" else set())
+    trees = {f"tree{n}": bushy_tree(n, vocab, rng) for n in sorted(sizes)}
+    if "chain" in modes:
+        trees[f"chain{B}"] = chain(0, rng.integers(0, vocab, B - 1))
+    if "draft-model" in modes:
+        trees[f"chain{args.num_draft_tokens + 1}"] = chain(0, rng.integers(0, vocab, args.num_draft_tokens))
     print("measuring verification costs", file=sys.stderr)
     costs = verify_costs(model, trees)
 
     tree_sizes = {m: 64 if args.tree_size == "auto" else int(args.tree_size) for m in modes}
-    warm = [once(m, prompts[0], 64) for m in modes]  # warm-up (kernels, caches); also the auto profile
+    warm = [once(m, prompts[0], 64, profile=True) for m in modes]  # warm-up (kernels, caches); also the auto profile
     choice = None
     if args.tree_size == "auto":
         profile_mode = next((m for m in ("treeflash", "marginal") if m in modes), None)
         if profile_mode is not None:
             spread = prompts[1 :: max(1, len(prompts) // 4)]  # a spread of prompts, not just the first ones
-            profile = [warm[modes.index(profile_mode)]] + [once(profile_mode, p, 64) for p in spread]
+            profile = [warm[modes.index(profile_mode)]] + [once(profile_mode, p, 64, profile=True) for p in spread]
             draft_s = np.mean([sum(v for k, v in r["stages"].items() if k != "verify") / max(1, len(r["taus"]))
                                for r in profile])
             best, table = auto_tree_size(profile, costs, draft_s)
@@ -275,15 +290,21 @@ def run(args: argparse.Namespace) -> None:
             for n in (16, 32, 64):
                 tree_sizes[f"{profile_mode}@{n}"] = n
     runs: dict[str, list[dict]] = {m: [] for m in modes}
+    profiles: dict[str, list[dict]] = {m: [] for m in modes}
+    ours = [m for m in modes if m not in ("ar", "draft-model")]
     for i, prompt in enumerate(prompts):
         for m in modes:  # interleaved: the same prompt through every mode before the next prompt
             runs[m].append(once(m, prompt, tree_sizes.get(m, 64)))
+        for m in ours if i < args.profile_prompts else ():  # the time split, from separate synced runs
+            profiles[m].append(once(m, prompt, tree_sizes.get(m, 64), profile=True))
         print(f"prompt {i + 1}/{len(prompts)}", file=sys.stderr)
+
     def verify_key(mode: str) -> str:
         return {"ar": "step", "draft-model": f"chain{args.num_draft_tokens + 1}", "chain": f"chain{B}"}.get(
             mode, f"tree{tree_sizes.get(mode)}")
 
-    results = [summarize(m, runs[m], runs["ar"], costs["step"], costs[verify_key(m)], args.temp) for m in modes]
+    results = [summarize(m, runs[m], profiles[m], runs["ar"], costs["step"], costs[verify_key(m)], args.temp)
+               for m in modes]
     for r in results:
         r["tree_size"] = tree_sizes.get(r["mode"]) if r["mode"].split("@")[0] in TREE_MODES else None
     print(markdown(results))
@@ -320,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round for draft-model")
     p.add_argument("--draft-top-m", type=int, default=16, help="as in generate: candidate previous tokens per depth")
     p.add_argument("--draft-vocab", type=int, default=0, help="as in generate: head over the marginal top-K")
+    p.add_argument("--profile-prompts", type=int, default=2,
+                   help="prompts run once more with a sync after every stage, for the time split (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="directory for results.json and plots")
     return p

@@ -1,7 +1,8 @@
 """One drafting step: drafter pass → transition tables (SPEC §3) → draft tree (SPEC §4).
 
-All model work of a round's drafting happens in MLX and is evaluated once; only the small tables cross to
-numpy for the best-first search.
+All model work of a round's drafting is one MLX graph, started with ``start_draft`` and evaluated in the
+background while the caller emits the previous round's tokens; ``finish_draft`` takes the small tables
+across to numpy for the best-first search.
 """
 
 from __future__ import annotations
@@ -44,79 +45,111 @@ def _log_softmax(logits: mx.array, temperature: float) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def table_arrays(drafter: Drafter, target: Target, root: int, hidden: mx.array, opts: DraftOptions) -> tuple:
+    """The tables' MLX graph (nothing evaluated) from the block's pre-norm hidden states (B, H)."""
+    B = hidden.shape[0]
+    k = min(opts.top_k, target.vocab_size)
+    normed = drafter.model.norm(hidden)
+    marginal = target.lm_head(normed[1:])  # depths 1..B-1
+    if opts.mode == "marginal" or not drafter.has_head:
+        return _top(_log_softmax(marginal, opts.temperature), k)
+
+    m = min(opts.top_m, target.vocab_size)
+    K = opts.head_vocab if 0 < opts.head_vocab < target.vocab_size else 0
+    # Candidate previous tokens: the marginal top-m at depths 1..B-2, row r = rank r. With a restricted head
+    # vocabulary they are the first m of the (sorted) marginal top-K, found in the same selection.
+    vocab, value = _top(marginal, max(K, m))
+    vocab = mx.take_along_axis(vocab, mx.argsort(-value, axis=-1), axis=-1)
+    cand = vocab[: B - 2, :m]
+    # Head rows: depth 1 after the root, then depth j+1 after each of the first counts[j-1] candidates of depth j.
+    counts = head_rows(B, m, opts.tree_size)
+    depth, rank = np.repeat(np.arange(B - 2), counts), np.concatenate([np.arange(c) for c in counts])
+    prev = mx.concatenate([mx.array([root]), cand[mx.array(depth), mx.array(rank)]])
+    rows = drafter.correct(hidden[mx.array(np.concatenate([[1], depth + 2]))], target.embed_tokens(prev))
+    # Into the grid of 1 + (B-2)·m rows; rows past a depth's count stay empty and are never used.
+    grid = mx.zeros((1 + (B - 2) * m, hidden.shape[-1]), dtype=rows.dtype)
+    grid[mx.array(np.concatenate([[0], 1 + depth * m + rank]))] = rows
+    normed = drafter.model.norm(grid)
+    if not K:
+        idx, logp = _top(_log_softmax(target.lm_head(normed), opts.temperature), k)
+        return idx, logp, cand
+    # On CPUs the lm_head, exp and selection over the whole vocabulary for every row cost more than the head
+    # itself: score each row only over its depth's marginal top-K (tree scores only; lossless).
+    k = min(k, K)
+    vocab = vocab[:, :K]
+    row_vocab = mx.concatenate([vocab[:1], mx.repeat(vocab[1:], m, axis=0)], axis=0)
+    weight = target.lm_head_weight()
+    if weight is None:  # quantized head: project fully, then keep the candidates
+        logits = mx.take_along_axis(target.lm_head(normed), row_vocab, axis=-1)
+    else:  # project onto the K candidate rows of the head only
+        first_logits = normed[:1] @ weight[vocab[0]].T
+        rest_logits = normed[1:].reshape(B - 2, m, -1) @ weight[vocab[1:]].transpose(0, 2, 1)
+        logits = mx.concatenate([first_logits, rest_logits.reshape(-1, K)], axis=0)
+    idx, logp = _top(_log_softmax(logits, opts.temperature), k)
+    return mx.take_along_axis(row_vocab, idx, axis=-1), logp, cand
+
+
+def tables(arrays: tuple, opts: DraftOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tables (tokens, logp, next_row), each (B-1, rows, k), from the evaluated ``table_arrays``."""
+    idx, logp = _sorted(np.array(arrays[0]), np.array(arrays[1]))
+    if len(arrays) == 2:  # marginal: one row per depth
+        return idx[:, None], logp[:, None], np.zeros(idx[:, None].shape, dtype=np.int64)
+    cand = np.array(arrays[2])  # (B-2, m)
+    (D, m), k = cand.shape, idx.shape[-1]
+    counts = head_rows(D + 2, m, opts.tree_size)
+    tokens = np.concatenate([np.repeat(idx[:1, None], m, axis=1), idx[1:].reshape(D, m, k)], axis=0)
+    logps = np.concatenate([np.repeat(logp[:1, None], m, axis=1), logp[1:].reshape(D, m, k)], axis=0)
+    logps[1:][np.arange(m) >= counts[:, None]] = -np.inf  # the empty rows
+    # next_row[d-1, r, c]: rank of tokens[d-1, r, c] among the depth-d candidates that have a row, else -1.
+    cand = np.where(np.arange(m) < counts[:, None], cand, -1)
+    next_row = np.full(tokens.shape, -1, dtype=np.int64)
+    match = tokens[:D, :, :, None] == cand[:, None, None, :]
+    next_row[:D] = np.where(match.any(-1), match.argmax(-1), -1)
+    return tokens, logps, next_row
+
+
 def transition_tables(
     drafter: Drafter, target: Target, root: int, hidden: mx.array, opts: DraftOptions
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tables (tokens, logp, next_row), each (B-1, rows, k), from the block's pre-norm hidden (B, H)."""
-    B = hidden.shape[0]
-    k = min(opts.top_k, target.vocab_size)
-    normed = drafter.model.norm(hidden)
-    if opts.mode == "marginal" or not drafter.has_head:
-        idx, logp = _top(_log_softmax(target.lm_head(normed[1:]), opts.temperature), k)
-        mx.eval(idx, logp)
-        tokens, logp = _sorted(np.array(idx), np.array(logp))
-        return tokens[:, None], logp[:, None], np.zeros(tokens[:, None].shape, dtype=np.int64)
+    return tables(table_arrays(drafter, target, root, hidden, opts), opts)
 
-    m = min(opts.top_m, target.vocab_size)
-    marginal = target.lm_head(normed[1:])  # depths 1..B-1
-    # Candidate previous tokens: the marginal top-m at depths 1..B-2.
-    marg_idx, marg_val = _top(marginal[: B - 2], m)
-    marg_idx = mx.take_along_axis(marg_idx, mx.argsort(-marg_val, axis=-1), axis=-1)  # row r = rank r
-    embed = target.embed_tokens
-    # Depth 1 has a single previous token, the root; depths 2..B-1 have m candidates each.
-    first = drafter.correct(hidden[1:2], embed(mx.array([root])))
-    rest = drafter.correct(hidden[2:, None, :], embed(marg_idx[: B - 2]))
-    corrected = mx.concatenate([first, rest.reshape(-1, rest.shape[-1])], axis=0)
-    normed = drafter.model.norm(corrected)  # (1 + (B-2)·m, H)
-    if opts.head_vocab and opts.head_vocab < target.vocab_size:
-        # On CPUs the lm_head, exp and selection over the whole vocabulary for every row cost more than the
-        # head itself: score each row only over its depth's marginal top-K (tree scores only; lossless).
-        k = min(k, opts.head_vocab)
-        vocab, _ = _top(marginal, opts.head_vocab)  # (B-1, K)
-        row_vocab = mx.concatenate([vocab[:1], mx.repeat(vocab[1:], m, axis=0)], axis=0)
-        weight = target.lm_head_weight()
-        if weight is None:  # quantized head: project fully, then keep the candidates
-            logits = mx.take_along_axis(target.lm_head(normed), row_vocab, axis=-1)
-        else:  # project onto the K candidate rows of the head only
-            first_logits = normed[:1] @ weight[vocab[0]].T
-            rest_logits = normed[1:].reshape(B - 2, m, -1) @ weight[vocab[1:]].transpose(0, 2, 1)
-            logits = mx.concatenate([first_logits, rest_logits.reshape(-1, vocab.shape[-1])], axis=0)
-        idx, logp = _top(_log_softmax(logits, opts.temperature), k)
-        idx = mx.take_along_axis(row_vocab, idx, axis=-1)
-    else:
-        idx, logp = _top(_log_softmax(target.lm_head(normed), opts.temperature), k)
-    mx.eval(idx, logp, marg_idx)
 
-    cand = np.array(marg_idx)  # (B-2, m)
-    idx, logp = _sorted(np.array(idx), np.array(logp))
-    tokens = np.concatenate([np.repeat(idx[:1, None], m, axis=1), idx[1:].reshape(B - 2, m, k)], axis=0)
-    logps = np.concatenate([np.repeat(logp[:1, None], m, axis=1), logp[1:].reshape(B - 2, m, k)], axis=0)
-    # next_row[d-1, r, c]: rank of tokens[d-1, r, c] among the depth-d candidates, -1 if absent.
-    next_row = np.full(tokens.shape, -1, dtype=np.int64)
-    match = tokens[: B - 2, :, :, None] == cand[:, None, None, :]
-    next_row[: B - 2] = np.where(match.any(-1), match.argmax(-1), -1)
-    return tokens, logps, next_row
+def head_rows(block_size: int, top_m: int, tree_size: int) -> np.ndarray:
+    """Head rows worth computing per candidate depth j = 1..B-2: a tree of n nodes can give children to at
+    most ⌊(n-j)/2⌋ nodes of depth j (each needs a child, and depth j needs j-1 ancestors and the root), so
+    small budgets keep only that many top-ranked candidates. The published budget (64, B=16) keeps all m."""
+    return np.array([min(top_m, max(1, (tree_size - j) // 2)) for j in range(1, block_size - 1)], dtype=np.int64)
 
 
 def untimed(stage: str, *arrays) -> None:
     """The default stage timer: no profiling, so no syncs between stages."""
 
 
-def draft(drafter: Drafter, target: Target, root: int, cache, opts: DraftOptions, timer=untimed) -> DraftTree:
-    """Propose a tree rooted at the last committed token; the drafter cache holds the committed prefix.
+def start_draft(drafter: Drafter, target: Target, root: int, cache, opts: DraftOptions, timer=untimed) -> tuple:
+    """Build the drafting graph for a tree rooted at the last committed token and start evaluating it.
 
-    ``timer(stage, *arrays)`` closes each stage (see ``speculative.RoundStats``)."""
+    The drafter cache holds the committed prefix. ``timer(stage, *arrays)`` closes each stage (see
+    ``speculative.RoundStats``)."""
     B = drafter.args.block_size
     block = mx.array([root] + [drafter.args.mask_token_id] * (B - 1))
     hidden = drafter(target.embed_tokens(block[None]), cache)[0]
     timer("drafter", hidden)
     if opts.mode == "chain":
-        best = np.array(mx.argmax(target.lm_head(drafter.model.norm(hidden[1:])), axis=-1))
-        timer("tables")
-        tree = chain(root, best)
+        arrays = (mx.argmax(target.lm_head(drafter.model.norm(hidden[1:])), axis=-1),)
     else:
-        tokens, logp, next_row = transition_tables(drafter, target, root, hidden, opts)
-        timer("tables")
-        tree = best_first(root, tokens, logp, next_row, opts.tree_size)
+        arrays = table_arrays(drafter, target, root, hidden, opts)
+    mx.async_eval(arrays)
+    timer("tables", *arrays)
+    return arrays
+
+
+def finish_draft(root: int, arrays: tuple, opts: DraftOptions, timer=untimed) -> DraftTree:
+    """The tree from a started draft (waits for its evaluation)."""
+    if opts.mode == "chain":
+        tree = chain(root, np.array(arrays[0]))
+    else:
+        tree = best_first(root, *tables(arrays, opts), opts.tree_size)
     timer("tree")
     return tree
+

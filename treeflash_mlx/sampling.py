@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.sample_utils import greedy_sampler
 
 from .tree import DraftTree
 
@@ -19,27 +20,33 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
+# The default sampler is mlx-lm's own, which ``make_sampler(0.0)`` also returns: the loop recognises it and,
+# since the argmax of the raw logits is that of the log-probabilities, skips the normalisation over
+# nodes × vocabulary (on CPUs that exp costs as much as several target layers).
+greedy: Sampler = greedy_sampler
 
 
-def node_logprobs(
+def node_logits(
     logits: mx.array,
     tree: DraftTree,
     history: Sequence[int],
     processors: Sequence[LogitsProcessor] = (),
 ) -> mx.array:
-    """Log-probabilities at every node. A path-dependent processor (repetition penalty, ...) sees as
-    history the committed tokens (root included) followed by the node's own path, nothing else."""
-    if processors:
-        rows = []
-        for i in range(len(tree)):
-            seen = mx.array(list(history) + [int(tree.tokens[j]) for j in tree.path(i)])
-            row = logits[i : i + 1]
-            for processor in processors:
-                row = processor(seen, row)
-            rows.append(row)
-        logits = mx.concatenate(rows, axis=0)
+    """Logits at every node after the processors. A path-dependent processor (repetition penalty, ...) sees
+    as history the committed tokens (root included) followed by the node's own path, nothing else."""
+    if not processors:
+        return logits
+    rows = []
+    for i in range(len(tree)):
+        seen = mx.array(list(history) + [int(tree.tokens[j]) for j in tree.path(i)])
+        row = logits[i : i + 1]
+        for processor in processors:
+            row = processor(seen, row)
+        rows.append(row)
+    return mx.concatenate(rows, axis=0)
+
+
+def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # in the model's dtype, as mlx-lm does
 
 

@@ -16,8 +16,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
-from .drafting import MODES, DraftOptions, draft, untimed
-from .sampling import LogitsProcessor, Sampler, accept, greedy, node_logprobs
+from .drafting import MODES, DraftOptions, finish_draft, start_draft, untimed
+from .sampling import LogitsProcessor, Sampler, accept, greedy, log_softmax, node_logits
 from .target import Target, compact
 from .tree import root_only
 
@@ -205,7 +205,7 @@ def stream_generate(
         if use_drafter:
             drafter.append_context(feats[None], d_cache)
         mx.eval(logits, [c.state for c in t_cache + (d_cache or [])])
-    logprobs = node_logprobs(logits, root_only(prompt[-1]), prompt, logits_processors)
+    logprobs = log_softmax(node_logits(logits, root_only(prompt[-1]), prompt, logits_processors))
     root = int(sampler(logprobs).item())
     prompt_tps = len(prompt) / (time.perf_counter() - tic)
 
@@ -214,7 +214,12 @@ def stream_generate(
     tic = time.perf_counter()
     new = [(root, logprobs[0], False)]
     history = list(prompt)
+    timer = stats or untimed
     while True:
+        if stats:
+            stats.start()
+        # The next round's drafting runs in the background while this round's tokens are emitted.
+        pending = start_draft(drafter, target, root, d_cache, opts, timer) if use_drafter else None
         for token, token_logprobs, from_draft in new:
             generated += 1
             history.append(token)
@@ -237,15 +242,17 @@ def stream_generate(
                 return
 
         round_index += 1
-        timer = stats or untimed
         if stats:
-            stats.start()
+            stats.start()  # the time spent emitting belongs to no stage
         start = t_cache[0].offset  # the root's position: the cache holds everything before it
-        tree = draft(drafter, target, root, d_cache, opts, timer) if use_drafter else root_only(root)
+        tree = finish_draft(root, pending, opts, timer) if use_drafter else root_only(root)
         logits, feats = target.verify(tree, t_cache, capture)
-        logprobs = node_logprobs(logits, tree, history, logits_processors)
-        samples = np.array(sampler(logprobs))
-        path, root = accept(tree, samples)
+        logits = node_logits(logits, tree, history, logits_processors)
+        logprobs = logits if sampler is greedy else log_softmax(logits)
+        path, root = accept(tree, np.array(sampler(logprobs)))
+        logprobs = logprobs[mx.array(path)]
+        if sampler is greedy:  # only the committed rows are normalised, lazily, if the caller reads them
+            logprobs = log_softmax(logprobs)
         timer("verify")
         compact(t_cache, start, path)
         if use_drafter:
@@ -253,8 +260,8 @@ def stream_generate(
         if stats:
             stats("commit", [c.state for c in t_cache + (d_cache or [])])
             stats.rounds.append((len(tree), path))
-        new = [(int(tree.tokens[n]), logprobs[p], True) for p, n in zip(path, path[1:])]
-        new.append((root, logprobs[path[-1]], False))
+        new = [(int(tree.tokens[n]), logprobs[i], True) for i, n in enumerate(path[1:])]
+        new.append((root, logprobs[-1], False))
 
 
 def generate(
