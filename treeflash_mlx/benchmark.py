@@ -123,9 +123,14 @@ def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
                                             **kwargs))
     tokens = [r.token for r in responses if r.finish_reason is None or r.token not in tokenizer.eos_token_ids]
     last = responses[-1]
-    target_passes = max(1, sum(not r.from_draft for r in responses[1:]))  # each target pass ends in one token
+    taus, run = [], 0
+    for r in responses:  # each target pass ends in one token not from the draft (mlx-lm's prefill stops short)
+        run += 1
+        if not r.from_draft:
+            taus.append(run)
+            run = 0
     return {"tokens": tokens, "seconds": last.generation_tokens / last.generation_tps,
-            "generated": last.generation_tokens, "taus": [(len(responses) - 1) / target_passes],
+            "generated": last.generation_tokens, "taus": taus or [1],
             "nodes": [args.num_draft_tokens + 1 if draft_model else 1], "paths": [], "stages": {}}
 
 
