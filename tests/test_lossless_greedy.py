@@ -11,6 +11,8 @@ from mlx_lm.sample_utils import make_sampler
 
 import treeflash_mlx.speculative as speculative
 from treeflash_mlx import stream_generate
+from treeflash_mlx.drafting import CPU_SETTINGS, device_settings
+from treeflash_mlx.speculative import RoundStats
 from treeflash_mlx.tree import DraftTree
 
 N_PROMPTS, N_TOKENS = 20, 64
@@ -111,3 +113,14 @@ def test_every_token_carries_the_targets_log_probabilities(tokenizer, sampler):
     assert [r.token for r in got] == [t for t, _ in want]
     for response, (_, logprobs) in zip(got, want):
         np.testing.assert_allclose(np.array(response.logprobs), logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_drafting_settings_default_to_the_devices_and_given_ones_win(tokenizer):
+    target = tiny_target("qwen3", seed=6)
+    drafter = tiny_drafter(target)
+    prompt = random_prompts(1, seed=2)[0]
+    assert device_settings() == CPU_SETTINGS, "the tests run on the CPU backend"
+    for given, budget in ((None, CPU_SETTINGS["tree_size"]), (40, 40)):
+        stats = RoundStats()
+        list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=16, tree_size=given, stats=stats))
+        assert {nodes for nodes, _ in stats.rounds} == {budget}

@@ -26,6 +26,7 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
+from .drafting import device_settings
 from .speculative import RoundStats, load, stream_generate
 from .target import Target
 from .tree import DraftTree, chain
@@ -237,6 +238,10 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--profile-prompts must be >= 0, got {args.profile_prompts}")
     if args.temp < 0:
         raise ValueError(f"--temp must be >= 0, got {args.temp}")
+    settings = device_settings()  # what generate would use here, for every option not given
+    args.tree_size = args.tree_size or str(settings["tree_size"])
+    args.draft_top_m = settings["top_m"] if args.draft_top_m is None else args.draft_top_m
+    args.draft_vocab = settings["head_vocab"] if args.draft_vocab is None else args.draft_vocab
     if args.tree_size != "auto" and not (args.tree_size.isdigit() and int(args.tree_size) >= 1):
         raise ValueError(f"--tree-size must be a positive integer or 'auto', got {args.tree_size!r}")
     if args.model is None:
@@ -313,6 +318,8 @@ def run(args: argparse.Namespace) -> None:
     for r in results:
         r["tree_size"] = tree_sizes.get(r["mode"]) if r["mode"].split("@")[0] in TREE_MODES else None
     print(markdown(results))
+    print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, tree budget "
+          + ", ".join(f"{m} {n}" for m, n in tree_sizes.items() if m.split("@")[0] in TREE_MODES))
     if choice:
         print(f"\n--tree-size auto chose {choice['tree_size']} for {choice['mode']}: "
               + ", ".join(f"n={n}: τ {v['tau']:.2f}, predicted {v['predicted_speedup']:.2f}x"
@@ -325,7 +332,8 @@ def run(args: argparse.Namespace) -> None:
         args.output.mkdir(parents=True, exist_ok=True)
         report = {"model": args.model, "drafter": args.drafter, "draft_model": args.draft_model,
                   "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-                  "temp": args.temp, "verify_costs_s": costs, "tree_size_auto": choice, "results": results}
+                  "temp": args.temp, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab,
+                  "verify_costs_s": costs, "tree_size_auto": choice, "results": results}
         (args.output / "results.json").write_text(json.dumps(report, indent=2))
         plots = plot(results, costs, args.output)
         print(f"\nwrote {args.output / 'results.json'}" + (f" and {', '.join(plots)}" if plots else ""))
@@ -342,10 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(ALL_MODES))
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--tree-size", default="64", help="node budget for tree modes, or 'auto'")
+    p.add_argument("--tree-size", default=None,
+                   help="node budget for tree modes, or 'auto' (default: as generate, 64 on a GPU, 16 on the CPU)")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round for draft-model")
-    p.add_argument("--draft-top-m", type=int, default=16, help="as in generate: candidate previous tokens per depth")
-    p.add_argument("--draft-vocab", type=int, default=0, help="as in generate: head over the marginal top-K")
+    p.add_argument("--draft-top-m", type=int, default=None, help="as in generate: candidate previous tokens per depth")
+    p.add_argument("--draft-vocab", type=int, default=None, help="as in generate: head over the marginal top-K")
     p.add_argument("--profile-prompts", type=int, default=2,
                    help="prompts run once more with a sync after every stage, for the time split (0: none)")
     p.add_argument("--seed", type=int, default=0)

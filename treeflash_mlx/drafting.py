@@ -29,6 +29,17 @@ class DraftOptions:
     head_vocab: int = 0  # >0: the head's distribution at depth d covers only the marginal top-K of depth d
 
 
+PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0}
+CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64}
+
+
+def device_settings() -> dict[str, int]:
+    """Defaults for the budget, top-m and head vocabulary: the published ones on a GPU; on the CPU backend
+    the fastest measured on the demo pair (README), since there every verified node and the head's exp over
+    the vocabulary cost far more. They shape the tree only, never the output."""
+    return dict(CPU_SETTINGS if mx.default_device() == mx.cpu else PUBLISHED_SETTINGS)
+
+
 def _top(values: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """The k largest entries of each row, unsorted (sorted later in numpy, where it is cheap)."""
     idx = mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k]

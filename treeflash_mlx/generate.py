@@ -36,13 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="drafting: treeflash (needs a head; default then), marginal (default for DFlash), chain, ar")
-    p.add_argument("--tree-size", type=int, default=64, help="tree node budget, root included")
-    p.add_argument("--draft-top-m", type=int, default=16, help="candidate previous tokens per depth for the head")
+    p.add_argument("--tree-size", type=int, default=None,
+                   help="tree node budget, root included (default: 64 on a GPU, 16 on the CPU backend)")
+    p.add_argument("--draft-top-m", type=int, default=None,
+                   help="candidate previous tokens per depth for the head (default: 16 on a GPU, 8 on the CPU)")
     p.add_argument("--draft-top-k", type=int, default=16, help="branching: children kept per table row")
     p.add_argument("--draft-temp", type=float, default=1.0, help="drafter temperature (tree scores only)")
-    p.add_argument("--draft-vocab", type=int, default=0,
-                   help="normalise the head over each depth's marginal top-K tokens (0: whole vocabulary; "
-                        "64 is much faster on CPUs, output unchanged)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="normalise the head over each depth's marginal top-K tokens, 0: the whole vocabulary "
+                        "(default: 0 on a GPU, 64 on the CPU, where it is much faster; output unchanged)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--system-prompt", default=None)

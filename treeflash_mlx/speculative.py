@@ -16,7 +16,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
-from .drafting import MODES, DraftOptions, finish_draft, start_draft, untimed
+from .drafting import MODES, DraftOptions, device_settings, finish_draft, start_draft, untimed
 from .sampling import LogitsProcessor, Sampler, accept, greedy, log_softmax, node_logits
 from .target import Target, compact
 from .tree import root_only
@@ -161,11 +161,11 @@ def stream_generate(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     mode: str | None = None,
-    tree_size: int = 64,
-    top_m: int = 16,
+    tree_size: int | None = None,
+    top_m: int | None = None,
     top_k: int = 16,
     drafter_temp: float = 1.0,
-    head_vocab: int = 0,
+    head_vocab: int | None = None,
     stop_strings: Sequence[str] = (),
     stats: RoundStats | None = None,
 ) -> Generator[GenerationResponse, None, None]:
@@ -173,10 +173,13 @@ def stream_generate(
 
     ``sampler`` and ``logits_processors`` follow mlx-lm (``make_sampler``, ``make_logits_processors``);
     processors see, for each tree node, the committed tokens and that node's own path as history.
+    ``tree_size``, ``top_m`` and ``head_vocab`` left at None take ``drafting.device_settings()``.
     ``stats`` collects a per-stage profile (at the cost of a sync per stage).
     """
+    given = {"tree_size": tree_size, "top_m": top_m, "head_vocab": head_vocab}
+    settings = device_settings() | {k: v for k, v in given.items() if v is not None}
     opts = _check_options(
-        DraftOptions(mode or default_mode(drafter), tree_size, top_m, top_k, drafter_temp, head_vocab), drafter, max_tokens
+        DraftOptions(mode or default_mode(drafter), top_k=top_k, temperature=drafter_temp, **settings), drafter, max_tokens
     )
     _check_stop_strings(stop_strings)
     if not isinstance(tokenizer, TokenizerWrapper):
