@@ -1,8 +1,8 @@
 """One drafting step: drafter pass → transition tables (SPEC §3) → draft tree (SPEC §4).
 
-All model work of a round's drafting is one MLX graph, started with ``start_draft`` and evaluated in the
-background while the caller emits the previous round's tokens; ``finish_draft`` takes the small tables
-across to numpy for the best-first search.
+All model work of a round's drafting is one MLX graph: ``start_draft`` builds it and starts its evaluation
+before the caller emits the previous round's tokens (MLX lets only the tail of a long graph run on while
+the caller goes on), and ``finish_draft`` takes the small tables across to numpy for the best-first search.
 """
 
 from __future__ import annotations

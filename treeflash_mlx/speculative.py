@@ -221,7 +221,7 @@ def stream_generate(
     while True:
         if stats:
             stats.start()
-        # The next round's drafting runs in the background while this round's tokens are emitted.
+        # The next round's drafting is started before this round's tokens are emitted (its tail overlaps them).
         pending = start_draft(drafter, target, root, d_cache, opts, timer) if use_drafter else None
         for token, token_logprobs, from_draft in new:
             generated += 1
