@@ -95,6 +95,8 @@ BROKEN = {
     "mis-shaped": (lambda p: drop_tensor(p, reshape="model.fc.weight"), "'model.fc.weight' has shape"),
     "zero heads": (lambda p: break_config(p, lambda c: c.update(num_attention_heads=0)),
                    "num_attention_heads must be a positive integer"),
+    "one-token block": (lambda p: break_config(p, lambda c: c.update(block_size=1)),
+                        "block_size must be at least 2"),
     "bad quantization": (lambda p: break_config(p, lambda c: c.update(quantization={"bits": 4})),
                          "invalid quantization entry"),
     "shard outside": (lambda p: (p / "model.safetensors.index.json").write_text(

@@ -124,3 +124,13 @@ def test_drafting_settings_default_to_the_devices_and_given_ones_win(tokenizer):
         stats = RoundStats()
         list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=16, tree_size=given, stats=stats))
         assert {nodes for nodes, _ in stats.rounds} == {budget}
+
+
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_the_smallest_blocks_stay_lossless(tokenizer, block_size):
+    target = tiny_target("qwen2", seed=7)
+    drafter = tiny_drafter(target, block_size=block_size)
+    for mode in ("treeflash", "marginal", "chain"):
+        for prompt in random_prompts(3, seed=5):
+            out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=20, mode=mode)]
+            assert out == mlx_lm_greedy(target, prompt, 20), mode

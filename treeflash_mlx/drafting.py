@@ -74,7 +74,8 @@ def table_arrays(drafter: Drafter, target: Target, root: int, hidden: mx.array, 
     cand = vocab[: B - 2, :m]
     # Head rows: depth 1 after the root, then depth j+1 after each of the first counts[j-1] candidates of depth j.
     counts = head_rows(B, m, opts.tree_size)
-    depth, rank = np.repeat(np.arange(B - 2), counts), np.concatenate([np.arange(c) for c in counts])
+    depth = np.repeat(np.arange(B - 2), counts)
+    rank = np.arange(len(depth)) - np.repeat(np.cumsum(counts) - counts, counts)
     prev = mx.concatenate([mx.array([root]), cand[mx.array(depth), mx.array(rank)]])
     rows = drafter.correct(hidden[mx.array(np.concatenate([[1], depth + 2]))], target.embed_tokens(prev))
     # Into the grid of 1 + (B-2)·m rows; rows past a depth's count stay empty and are never used.
@@ -92,10 +93,11 @@ def table_arrays(drafter: Drafter, target: Target, root: int, hidden: mx.array, 
     weight = target.lm_head_weight()
     if weight is None:  # quantized head: project fully, then keep the candidates
         logits = mx.take_along_axis(target.lm_head(normed), row_vocab, axis=-1)
-    else:  # project onto the K candidate rows of the head only
-        first_logits = normed[:1] @ weight[vocab[0]].T
-        rest_logits = normed[1:].reshape(B - 2, m, -1) @ weight[vocab[1:]].transpose(0, 2, 1)
-        logits = mx.concatenate([first_logits, rest_logits.reshape(-1, K)], axis=0)
+    else:  # project onto the K candidate rows of the head only, depth by depth
+        logits = normed[:1] @ weight[vocab[0]].T
+        if B > 2:
+            rest = normed[1:].reshape(B - 2, m, -1) @ weight[vocab[1:]].transpose(0, 2, 1)
+            logits = mx.concatenate([logits, rest.reshape(-1, K)], axis=0)
     idx, logp = _top(_log_softmax(logits, opts.temperature), k)
     return mx.take_along_axis(row_vocab, idx, axis=-1), logp, cand
 
