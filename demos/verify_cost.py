@@ -23,6 +23,7 @@ p.add_argument("--layers", type=int, default=12)
 p.add_argument("--vocab", type=int, default=32000)
 p.add_argument("--sizes", default="1,16,32,64")
 p.add_argument("--repeats", type=int, default=20)
+p.add_argument("--prefix", type=int, default=256, help="cached tokens before the step / the tree")
 args = p.parse_args()
 h = args.hidden
 model = qwen3.Model(qwen3.ModelArgs(
@@ -32,9 +33,9 @@ model = qwen3.Model(qwen3.ModelArgs(
 mx.eval(model.parameters())
 rng = np.random.default_rng(0)
 sizes = [int(s) for s in args.sizes.split(",")]
-costs = verify_costs(model, {n: bushy_tree(n, args.vocab, rng) for n in sizes}, repeats=args.repeats)
+costs = verify_costs(model, {n: bushy_tree(n, args.vocab, rng) for n in sizes}, args.prefix, repeats=args.repeats)
 params = sum(v.size for _, v in tree_flatten(model.parameters()))
-print(f"target: random Qwen3, {params / 1e6:.0f}M parameters, float32, 256-token prefix, median of {args.repeats}")
+print(f"target: random Qwen3, {params / 1e6:.0f}M parameters, float32, {args.prefix}-token prefix, median of {args.repeats}")
 print(f"mlx-lm one-token step: {costs['step'] * 1e3:7.1f} ms")
 for n in sizes:
     print(f"verify {n:3d} nodes:     {costs[n] * 1e3:7.1f} ms = {costs[n] / costs['step']:5.2f}x the mlx-lm step")

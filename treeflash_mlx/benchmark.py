@@ -79,8 +79,9 @@ def bushy_tree(n: int, vocab: int, rng) -> DraftTree:
     return DraftTree(rng.integers(0, vocab, n), parents, depths)
 
 
-def verify_costs(model, trees: dict, prefix: int = 256, repeats: int = 10) -> dict:
-    """Median seconds of one mlx-lm decoding step (key "step") and of verifying each named tree."""
+def verify_costs(model, trees: dict, prefix: int, repeats: int = 10) -> dict:
+    """Median seconds of one mlx-lm decoding step (key "step") and of verifying each named tree, after
+    ``prefix`` cached tokens."""
     target = Target(model)
     cache = target.make_cache()
     rng = np.random.default_rng(0)
@@ -279,7 +280,9 @@ def run(args: argparse.Namespace) -> None:
     if "draft-model" in modes:
         trees[f"chain{args.num_draft_tokens + 1}"] = chain(0, rng.integers(0, vocab, args.num_draft_tokens))
     print("measuring verification costs", file=sys.stderr)
-    costs = verify_costs(model, trees)
+    # Costs after a prefix as long as the runs' mean context: attention makes them grow with it.
+    prefix = int(np.mean([len(p) for p in prompts]) + args.max_tokens / 2)
+    costs = verify_costs(model, trees, prefix)
 
     tree_sizes = {m: 64 if args.tree_size == "auto" else int(args.tree_size) for m in modes}
     warm = [once(m, prompts[0], 64, profile=True) for m in modes]  # warm-up (kernels, caches); also the auto profile
@@ -324,7 +327,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"\n--tree-size auto chose {choice['tree_size']} for {choice['mode']}: "
               + ", ".join(f"n={n}: τ {v['tau']:.2f}, predicted {v['predicted_speedup']:.2f}x"
                           for n, v in choice["candidates"].items()))
-    print("\nverify cost / one mlx-lm step: "
+    print(f"\nverify cost / one mlx-lm step after {prefix} tokens: "
           + ", ".join(f"{k} {v / costs['step']:.2f}x" for k, v in costs.items() if k != "step"))
     if any(r["lossless"] is False for r in results):
         print("\nWARNING: a speculative mode's greedy output differs from plain decoding", file=sys.stderr)
@@ -333,7 +336,7 @@ def run(args: argparse.Namespace) -> None:
         report = {"model": args.model, "drafter": args.drafter, "draft_model": args.draft_model,
                   "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
                   "temp": args.temp, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab,
-                  "verify_costs_s": costs, "tree_size_auto": choice, "results": results}
+                  "verify_costs_s": costs, "verify_costs_prefix": prefix, "tree_size_auto": choice, "results": results}
         (args.output / "results.json").write_text(json.dumps(report, indent=2))
         plots = plot(results, costs, args.output)
         print(f"\nwrote {args.output / 'results.json'}" + (f" and {', '.join(plots)}" if plots else ""))
