@@ -173,7 +173,8 @@ def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[d
     lossless = None if temp > 0 else all(r["tokens"] == a["tokens"] for r, a in zip(runs, ar_runs))
     return {"mode": mode, "mean_acceptance_length": tau, "tokens_per_s": tps, "speedup_vs_ar": tps / ar_tps,
             "ideal_speedup": ideal, "efficiency": (tps / ar_tps) / ideal, "nodes_per_round": float(np.mean(nodes)) if nodes else None,
-            "ms_per_round": stages if profiles else None, "lossless": lossless, "taus": taus}
+            "ms_per_round": stages if profiles else None, "lossless": lossless, "taus": taus,
+            "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs]}
 
 
 def markdown(results: list[dict]) -> str:
