@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -134,3 +136,15 @@ def test_the_smallest_blocks_stay_lossless(tokenizer, block_size):
         for prompt in random_prompts(3, seed=5):
             out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=20, mode=mode)]
             assert out == mlx_lm_greedy(target, prompt, 20), mode
+
+
+def test_held_responses_keep_only_the_committed_rows(tokenizer):
+    """A caller that keeps every response must not keep every round's nodes × vocabulary logits alive."""
+    target = tiny_target("qwen3", seed=6)
+    prompt = random_prompts(1, seed=3)[0]
+    gc.collect()
+    before = mx.get_active_memory()
+    responses = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=48, tree_size=64))
+    gc.collect()
+    committed_rows = len(responses) * target.args.vocab_size * 4  # float32 bytes of one row per token
+    assert mx.get_active_memory() - before < 2 * committed_rows

@@ -253,8 +253,11 @@ def stream_generate(
         logits = node_logits(logits, tree, history, logits_processors)
         logprobs = logits if sampler is greedy else log_softmax(logits)
         path, root = accept(tree, np.array(sampler(logprobs)))
+        # Keep only the committed rows (gathered now, so the tree's n × vocab logits can be freed); with greedy
+        # they are normalised lazily, if the caller reads them.
         logprobs = logprobs[mx.array(path)]
-        if sampler is greedy:  # only the committed rows are normalised, lazily, if the caller reads them
+        mx.async_eval(logprobs)
+        if sampler is greedy:
             logprobs = log_softmax(logprobs)
         timer("verify")
         compact(t_cache, start, path)
