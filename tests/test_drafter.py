@@ -164,7 +164,7 @@ def test_small_budgets_compute_only_the_head_rows_a_tree_can_use(setup):
     full = transition_tables(drafter, Target(target), 9, hidden, DraftOptions("treeflash", 64, m, 4, 1.0))
     small = transition_tables(drafter, Target(target), 9, hidden, DraftOptions("treeflash", 8, m, 4, 1.0))
     counts = head_rows(B, m, 8)  # candidates of depth j = 1..B-2 that get a row at depth j + 1
-    assert list(counts) == [min(m, max(1, (8 - j) // 2)) for j in range(1, B - 1)] and counts.min() < m
+    assert list(counts) == [min(m, max(0, (8 - j) // 2)) for j in range(1, B - 1)] and counts.min() < m
     assert (head_rows(16, 16, 64) == 16).all(), "the published budget keeps every candidate row"
     np.testing.assert_array_equal(small[0][0], full[0][0])  # depth 1: the root's row
     rows = [m, *counts]  # rows that exist at depths 1..B-1

@@ -15,7 +15,8 @@ import treeflash_mlx.speculative as speculative
 from treeflash_mlx import stream_generate
 from treeflash_mlx.drafting import CPU_SETTINGS, device_settings
 from treeflash_mlx.speculative import RoundStats
-from treeflash_mlx.tree import DraftTree
+from treeflash_mlx.sampling import greedy, sample_and_accept
+from treeflash_mlx.tree import DraftTree, chain
 
 N_PROMPTS, N_TOKENS = 20, 64
 
@@ -148,3 +149,26 @@ def test_held_responses_keep_only_the_committed_rows(tokenizer):
     gc.collect()
     committed_rows = len(responses) * target.args.vocab_size * 4  # float32 bytes of one row per token
     assert mx.get_active_memory() - before < 2 * committed_rows
+
+
+def test_greedy_keeps_mlx_lms_choice_where_bf16_rounding_ties_two_logits():
+    """The loop takes the argmax of the raw logits, mlx-lm that of the normalised ones: in bf16 they can differ."""
+    raw = np.zeros((2, 32000), dtype=np.float32)
+    raw[:, 5], raw[:, 9] = 3.0, 3.015625  # minus the logsumexp, both round to the same bf16 value
+    logits = mx.array(raw).astype(mx.bfloat16)
+    mlx_lm_choice = int(greedy(logits[0] - mx.logsumexp(logits[0], keepdims=True)))
+    assert int(mx.argmax(logits[0])) == 9 and mlx_lm_choice == 5, "the tie this test is about"
+    path, bonus, rows = sample_and_accept(logits, chain(1, np.array([9])), greedy)  # the draft is the raw argmax
+    assert (path, bonus) == ([0], 5)
+    want = logits[:1] - mx.logsumexp(logits[:1], axis=-1, keepdims=True)
+    np.testing.assert_array_equal(np.array(rows.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 30])
+def test_a_draft_is_started_only_for_a_round_that_runs(tokenizer, monkeypatch, max_tokens):
+    target = tiny_target("qwen3", seed=6)
+    started, real = [], speculative.start_draft
+    monkeypatch.setattr(speculative, "start_draft", lambda *args, **kw: started.append(1) or real(*args, **kw))
+    prompt = random_prompts(1, seed=4)[0]
+    responses = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=max_tokens))
+    assert len(started) == responses[-1].round

@@ -140,8 +140,10 @@ def auto_tree_size(runs: list[dict], costs: dict[str, float], draft_seconds: flo
     """Pick the budget n with the best predicted speed τ(n) / (draft + verify(n)).
 
     The best-first tree of budget n is the first n nodes of the budget-64 tree, and (greedy) each node's
-    target sample does not depend on the other nodes; so τ(n) for every n follows exactly from the accepted
-    paths of budget-64 rounds: the accepted path cut at its first node with index >= n."""
+    target sample does not depend on the other nodes; so τ(n) follows from the accepted paths of budget-64
+    rounds: the accepted path cut at its first node with index >= n. Exact while budget n keeps every head
+    row; small budgets compute fewer (``drafting.head_rows``), which can change their trees, so for them the
+    prediction leans optimistic."""
     paths = [p for r in runs for p in r["paths"]]
     table = {}
     for n in AUTO_CANDIDATES:
@@ -286,13 +288,14 @@ def run(args: argparse.Namespace) -> None:
     costs = verify_costs(model, trees, prefix)
 
     tree_sizes = {m: 64 if args.tree_size == "auto" else int(args.tree_size) for m in modes}
-    warm = [once(m, prompts[0], 64, profile=True) for m in modes]  # warm-up (kernels, caches); also the auto profile
+    for m in modes:  # warm-up (kernels, caches) of the path that is timed
+        once(m, prompts[0], 64)
     choice = None
     if args.tree_size == "auto":
         profile_mode = next((m for m in ("treeflash", "marginal") if m in modes), None)
         if profile_mode is not None:
             spread = prompts[1 :: max(1, len(prompts) // 4)]  # a spread of prompts, not just the first ones
-            profile = [warm[modes.index(profile_mode)]] + [once(profile_mode, p, 64, profile=True) for p in spread]
+            profile = [once(profile_mode, p, 64, profile=True) for p in [prompts[0], *spread]]
             draft_s = np.mean([sum(v for k, v in r["stages"].items() if k != "verify") / max(1, len(r["taus"]))
                                for r in profile])
             best, table = auto_tree_size(profile, costs, draft_s)

@@ -129,10 +129,11 @@ def transition_tables(
 
 
 def head_rows(block_size: int, top_m: int, tree_size: int) -> np.ndarray:
-    """Head rows worth computing per candidate depth j = 1..B-2: a tree of n nodes can give children to at
-    most ⌊(n-j)/2⌋ nodes of depth j (each needs a child, and depth j needs j-1 ancestors and the root), so
-    small budgets keep only that many top-ranked candidates. The published budget (64, B=16) keeps all m."""
-    return np.array([min(top_m, max(1, (tree_size - j) // 2)) for j in range(1, block_size - 1)], dtype=np.int64)
+    """Head rows computed per candidate depth j = 1..B-2. A tree of n nodes can give children to at most
+    ⌊(n-j)/2⌋ nodes of depth j (each needs a child, and depth j needs j-1 ancestors and the root), so small
+    budgets keep only that many top-ranked candidates. A heuristic: a lower-ranked candidate could have been
+    one of them, so trees can change (never the output). The published budget (64, B=16) keeps all m."""
+    return np.array([min(top_m, max(0, (tree_size - j) // 2)) for j in range(1, block_size - 1)], dtype=np.int64)
 
 
 def untimed(stage: str, *arrays) -> None:

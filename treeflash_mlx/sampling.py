@@ -20,9 +20,8 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-# The default sampler is mlx-lm's own, which ``make_sampler(0.0)`` also returns: the loop recognises it and,
-# since the argmax of the raw logits is that of the log-probabilities, skips the normalisation over
-# nodes × vocabulary (on CPUs that exp costs as much as several target layers).
+# The default sampler is mlx-lm's own, which ``make_sampler(0.0)`` also returns; ``sample_and_accept``
+# recognises it.
 greedy: Sampler = greedy_sampler
 
 
@@ -62,3 +61,24 @@ def accept(tree: DraftTree, samples: np.ndarray) -> tuple[list[int], int]:
         node = children[(node, int(samples[node]))]
         path.append(node)
     return path, int(samples[node])
+
+
+def sample_and_accept(logits: mx.array, tree: DraftTree, sampler: Sampler) -> tuple[list[int], int, mx.array]:
+    """Sample every node and walk the tree: the accepted nodes, the bonus token, and the committed tokens'
+    log-probabilities (one row per accepted node).
+
+    Greedy skips normalising every node (on CPUs the exp over nodes × vocabulary costs as much as several
+    target layers): the argmax of the raw logits is that of the log-probabilities, except where the
+    normalisation's rounding ties two values (in bf16 it can). So the committed path is checked against
+    mlx-lm's exact choice, the argmax of the normalised rows, and walked again from normalised rows if any
+    differs."""
+    if sampler is greedy:
+        path, bonus = accept(tree, np.array(greedy(logits)))
+        rows = log_softmax(logits[mx.array(path)])
+        if np.array_equal(np.array(greedy(rows)), np.append(tree.tokens[path[1:]], bonus)):
+            return path, bonus, rows
+    logprobs = log_softmax(logits)
+    path, bonus = accept(tree, np.array(sampler(logprobs)))
+    rows = logprobs[mx.array(path)]
+    mx.async_eval(rows)  # gathered now, so that the nodes × vocabulary log-probabilities can be freed
+    return path, bonus, rows

@@ -11,13 +11,12 @@ from typing import Generator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
 from .drafting import MODES, DraftOptions, device_settings, finish_draft, start_draft, untimed
-from .sampling import LogitsProcessor, Sampler, accept, greedy, log_softmax, node_logits
+from .sampling import LogitsProcessor, Sampler, greedy, log_softmax, node_logits, sample_and_accept
 from .target import Target, compact
 from .tree import root_only
 
@@ -221,8 +220,10 @@ def stream_generate(
     while True:
         if stats:
             stats.start()
-        # The next round's drafting is started before this round's tokens are emitted (its tail overlaps them).
-        pending = start_draft(drafter, target, root, d_cache, opts, timer) if use_drafter else None
+        # The next round's drafting is started before this round's tokens are emitted (its tail overlaps them),
+        # unless these tokens end the generation.
+        ends = generated + len(new) >= limit or any(token in stream.stop_ids for token, _, _ in new)
+        pending = start_draft(drafter, target, root, d_cache, opts, timer) if use_drafter and not ends else None
         for token, token_logprobs, from_draft in new:
             generated += 1
             history.append(token)
@@ -250,15 +251,7 @@ def stream_generate(
         start = t_cache[0].offset  # the root's position: the cache holds everything before it
         tree = finish_draft(root, pending, opts, timer) if use_drafter else root_only(root)
         logits, feats = target.verify(tree, t_cache, capture)
-        logits = node_logits(logits, tree, history, logits_processors)
-        logprobs = logits if sampler is greedy else log_softmax(logits)
-        path, root = accept(tree, np.array(sampler(logprobs)))
-        # Keep only the committed rows (gathered now, so the tree's n × vocab logits can be freed); with greedy
-        # they are normalised lazily, if the caller reads them.
-        logprobs = logprobs[mx.array(path)]
-        mx.async_eval(logprobs)
-        if sampler is greedy:
-            logprobs = log_softmax(logprobs)
+        path, root, logprobs = sample_and_accept(node_logits(logits, tree, history, logits_processors), tree, sampler)
         timer("verify")
         compact(t_cache, start, path)
         if use_drafter:
