@@ -10,7 +10,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import apply_top_p, make_logits_processors, make_sampler
 from test_lossless_greedy import use_oracle
 
-import treeflash_mlx.speculative as speculative
+import treeflash_mlx.sampling as sampling
 from treeflash_mlx import stream_generate
 
 VOCAB, N_SAMPLES, PROMPT = 8, 20_000, [1, 5, 2]
@@ -86,7 +86,7 @@ def test_the_check_rejects_accepting_draft_tokens_without_the_target_sample(pair
             path.append(children[0])
         return path, int(samples[path[-1]])
 
-    monkeypatch.setattr(speculative, "accept", wrong_accept)
+    monkeypatch.setattr(sampling, "accept", wrong_accept)
     probs = exact_joint(target, 1.0, 1.0)
     counts = sample_counts(target, drafter, tokenizer, 1.0, 1.0, 4_000, seed=1)
     stat, df = chi_square(counts, probs)
