@@ -116,9 +116,14 @@ def to_treeflash_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return {k if k.startswith(("model.", "ar_approximation.")) else f"model.{k}": v for k, v in weights.items()}
 
 
-def expected_shapes(config: DrafterConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes the config implies (MLX builds the module lazily: nothing is allocated)."""
-    return {k: tuple(v.shape) for k, v in tree_flatten(Drafter(config).parameters())}
+def parameter_shapes(drafter: Drafter) -> dict[str, tuple[int, ...]]:
+    """The shapes a checkpoint must hold for this drafter (MLX builds modules lazily: nothing is allocated)."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(drafter.parameters())}
+
+
+def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Floating tensors cast to ``dtype``; integer ones (quantized weights) left as they are."""
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
 def check_tensors(weights: dict[str, mx.array], expected: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -149,11 +154,11 @@ def load_drafter(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> tup
     if quant:
         nn.quantize(drafter, group_size=quant["group_size"], bits=quant["bits"],
                     class_predicate=lambda p, m: f"{p}.scales" in weights)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(drafter.parameters())}
+    expected = parameter_shapes(drafter)
     check_tensors(weights, expected, path)
     check_complete(set(weights), expected, path)
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        weights = cast_floating(weights, dtype)
     drafter.load_weights(list(weights.items()))
     mx.eval(drafter.parameters())
     drafter.eval()

@@ -23,10 +23,11 @@ from mlx.utils import tree_flatten
 
 from ._cli import run_cli
 from .checkpoints import (
+    cast_floating,
     check_complete,
     check_tensors,
-    expected_shapes,
     load_drafter,
+    parameter_shapes,
     read_config,
     read_shard,
     resolve_drafter,
@@ -34,6 +35,7 @@ from .checkpoints import (
     validate,
     weight_files,
 )
+from .drafter import Drafter
 from .speculative import load
 from .target import Target
 
@@ -126,7 +128,7 @@ def convert(
         raise ValueError(f"unknown drafter architecture {architectures}; expected one of {sorted(KNOWN_ARCHITECTURES)}")
     if target is not None:
         validate(config, Target(load(target)[0]))
-    expected = expected_shapes(config)
+    expected = parameter_shapes(Drafter(config))
     files = weight_files(src)
     seen: set[str] = set()
     index: dict[str, str] = {}
@@ -136,8 +138,7 @@ def convert(
             check_tensors(weights, expected, file)
             seen |= set(weights)
             if dtype is not None:
-                weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
-                           for k, v in weights.items()}
+                weights = cast_floating(weights, DTYPES[dtype])
             if quantize:
                 weights = quantize_shard(weights, q_bits, q_group_size)
             name = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -170,7 +171,7 @@ def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, 
     drafter = dequantize_model(drafter)
     weights = dict(tree_flatten(drafter.parameters()))
     if dtype is not None:
-        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+        weights = cast_floating(weights, DTYPES[dtype])
     if not drafter.has_head:  # the published DFlash layout has no "model." prefix
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     with staging as out:

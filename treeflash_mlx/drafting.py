@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from .drafter import Drafter
+from .sampling import log_softmax
 from .target import Target
 from .tree import DraftTree, best_first, chain
 
@@ -52,8 +53,7 @@ def _sorted(idx: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _log_softmax(logits: mx.array, temperature: float) -> mx.array:
-    logits = logits.astype(mx.float32) / temperature
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return log_softmax(logits.astype(mx.float32) / temperature)
 
 
 def table_arrays(drafter: Drafter, target: Target, root: int, hidden: mx.array, opts: DraftOptions) -> tuple:

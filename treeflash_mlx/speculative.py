@@ -16,7 +16,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
 from .drafting import MODES, DraftOptions, device_settings, finish_draft, start_draft, untimed
-from .sampling import LogitsProcessor, Sampler, greedy, log_softmax, node_logits, sample_and_accept
+from .sampling import LogitsProcessor, Sampler, greedy, node_logits, sample_and_accept
 from .target import Target, compact
 from .tree import root_only
 
@@ -207,8 +207,8 @@ def stream_generate(
         if use_drafter:
             drafter.append_context(feats[None], d_cache)
         mx.eval(logits, [c.state for c in t_cache + (d_cache or [])])
-    logprobs = log_softmax(node_logits(logits, root_only(prompt[-1]), prompt, logits_processors))
-    root = int(sampler(logprobs).item())
+    first = root_only(prompt[-1])
+    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, logits_processors), first, sampler)
     prompt_tps = len(prompt) / (time.perf_counter() - tic)
 
     stream = _TextStream(tokenizer, stop_strings)

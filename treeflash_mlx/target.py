@@ -107,7 +107,6 @@ class Target:
             return logits, None
         return logits, mx.concatenate([features[i] for i in capture], axis=-1)[0]
 
-
     def verify(self, tree, cache: list[KVCache], capture: list[int] = ()) -> tuple[mx.array, mx.array | None]:
         """One target pass over a draft tree after the cached prefix (chains take the causal fast path)."""
         tokens = mx.array(tree.tokens)
