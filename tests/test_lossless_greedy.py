@@ -48,7 +48,7 @@ def oracle_draft(truth: list[int], rng: np.random.Generator, block: int = 8):
     placed before the true node (so accepted paths are not contiguous in node order) and now and then a
     corrupted token."""
 
-    def start(drafter, target, root, cache, opts, timer=None):
+    def start(drafter, target, root, cache, opts, timer=None, head=None):
         start = cache[0].offset  # the drafter cache holds exactly the committed prefix
         tokens, parents, depths, cur = [root], [-1], [0], 0
         for depth, token in enumerate(truth[start + 1 : start + block], start=1):
@@ -89,6 +89,22 @@ def test_mostly_right_drafter_exercises_long_paths_and_compaction(tokenizer, mon
         taus += [r.acceptance_length for r in responses if r.round > 0 and not r.from_draft]
     assert np.mean(taus) > 3.5, "the oracle should make long acceptances"
     assert max(taus) == 8, "some round should accept every depth of the block"
+
+
+VOCAB_CASES = [("treeflash", 0), ("treeflash", 16), ("marginal", 0), ("chain", 0)]
+
+
+@pytest.mark.parametrize("mode,vocab", VOCAB_CASES, ids=[f"{m}-vocab{v}" for m, v in VOCAB_CASES])
+def test_a_drafter_with_a_draft_vocabulary_matches_mlx_lm_greedy(family_case, tokenizer, mode, vocab):
+    """Drafting over a sub-vocabulary (a random third of the ids, the true next token often missing) changes
+    the trees, never the output."""
+    target, prompts, expected = family_case
+    ids = np.random.default_rng(4).permutation(target.args.vocab_size)[:96].tolist()
+    drafter = tiny_drafter(target, draft_vocab=ids)
+    for prompt, reference in zip(prompts, expected):
+        out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode,
+                                                head_vocab=vocab)]
+        assert out == reference
 
 
 def test_bonus_and_draft_flags_and_rounds(tokenizer, monkeypatch):

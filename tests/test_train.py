@@ -63,7 +63,7 @@ def test_an_interrupted_run_resumes_to_the_same_state(setup, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         run(setup, tmp_path / "resumed", "--steps", 6, "--save-every", 3)
     monkeypatch.setattr(train_module, "losses", real)
-    assert json.loads((tmp_path / "resumed.work" / "state.json").read_text()) == {"step": 3}
+    assert json.loads((tmp_path / "resumed.work" / "state.json").read_text())["step"] == 3
     run(setup, tmp_path / "resumed", "--steps", 6, "--save-every", 3)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -116,10 +116,70 @@ def test_bad_settings_fail_before_any_work(setup, tmp_path):
         run(setup, tmp_path / "x", "--steps", 1, "--target-layer-ids", "1,9")
     with pytest.raises(ValueError, match="--gen-tokens \\(4\\) must be at least the block size \\(6\\)"):
         run(setup, tmp_path / "x", "--steps", 1, "--gen-tokens", 4)
-    assert not (tmp_path / "x.work" / "seqs.npz").exists()
+    assert not (tmp_path / "x.work").exists(), "nothing may be written before the settings are known to be good"
 
 
 def test_a_work_dir_of_other_settings_is_not_reused(setup, tmp_path):
     run(setup, tmp_path / "d", "--steps", 1)
     with pytest.raises(ValueError, match="holds a run with other settings \\(gen_tokens\\)"):
         run(setup, tmp_path / "d", "--steps", 2, "--gen-tokens", 30)
+
+
+def test_answers_are_the_targets_greedy_words_and_features_its_layers_outputs(setup):
+    """Batched, left-padded answering gives each prompt what the target alone gives it: mlx-lm's greedy
+    tokens (up to and including a stop token) and, at every position, the outputs of the chosen layers."""
+    import mlx.core as mx
+    from conftest import mlx_lm_greedy
+
+    from treeflash_mlx.target import Target
+    from treeflash_mlx.train import answer_with_features
+
+    model = tiny_target("qwen3", seed=9)
+    prompts = [[5, 9, 200, 31, 7], [44, 3], [17, 17, 90, 2, 8, 120, 64, 11]]
+    ids = [0, 2]
+    expected = [mlx_lm_greedy(model, p, 12) for p in prompts]
+    stop = expected[1][4]  # a token the second answer reaches: it must end there, the others need not
+    got = answer_with_features(model, prompts, 12, ids, {stop})
+    target = Target(model)
+    for p, want, (tokens, plen, feats) in zip(prompts, expected, got):
+        answer = tokens[plen:].tolist()
+        cut = want.index(stop) + 1 if stop in want else len(want)
+        assert plen == len(p) and answer == want[:cut]
+        _, ref = target.forward(mx.array(tokens[:-1]), target.make_cache(), ids)
+        np.testing.assert_allclose(feats[:-1].astype(np.float32), np.array(ref), atol=2e-2, rtol=2e-2)
+        assert not feats[-1].any(), "the last token is never fed: its features are zeros"
+    assert len(got[1][0]) - got[1][1] <= 5, "the second answer stops at its stop token"
+
+
+def test_a_draft_vocabulary_is_the_most_frequent_answer_tokens_and_drives_training(setup, tmp_path):
+    _, _, _, root = setup
+    report = run(setup, tmp_path / "d", "--steps", 30, "--draft-vocab-size", 40, "--eval-every", 15)
+    drafter, _ = load_drafter(tmp_path / "d")
+    vocab = np.array(drafter.draft_vocab)
+    work = tmp_path / "d.work"
+    from treeflash_mlx.train import Corpus, draft_vocabulary
+
+    answers = Corpus(work / "shards", 10**9).answer_tokens()
+    counts = np.bincount(answers, minlength=256)
+    assert len(vocab) == 40 and len(set(vocab.tolist())) == 40
+    assert counts[vocab].min() >= np.delete(counts, vocab).max(), "a rarer token was kept over a more frequent one"
+    assert (vocab == draft_vocabulary(answers, 40, 256)).all()
+    curve = [json.loads(line) for line in (work / "tau_curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [15, 30]
+    assert curve[0]["label_tokens"] < curve[1]["label_tokens"] == report["label_tokens"]
+    first = run(setup, tmp_path / "one", "--steps", 1, "--draft-vocab-size", 40)["final_loss"]
+    assert report["final_loss"] < 0.8 * first
+
+
+def test_chat_prompts_go_through_the_chat_template(setup, tokenizer):
+    from treeflash_mlx.train import read_jsonl_prompts
+
+    _, _, _, root = setup
+    f = root / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + json.dumps({"prompt": "ab"}))
+    chat, plain = read_jsonl_prompts(f, tokenizer)
+    assert chat == list(tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True))
+    assert plain == tokenizer.encode("ab")
+    f.write_text(json.dumps({"messages": "hi"}))
+    with pytest.raises(ValueError, match="chat.jsonl:1 is not a JSON object"):
+        read_jsonl_prompts(f, tokenizer)

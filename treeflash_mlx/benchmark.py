@@ -38,6 +38,11 @@ ALL_MODES = ("ar", "draft-model", "chain", "marginal", "treeflash")
 AUTO_CANDIDATES = (4, 8, 12, 16, 24, 32, 48, 64)
 
 
+def humaneval_messages(prompt: str) -> list[dict]:
+    """A HumanEval problem as a coding assistant gets it: one user turn asking to complete the function."""
+    return [{"role": "user", "content": f"Complete the following Python function:\n```python\n{prompt}```"}]
+
+
 def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[list[int]]:
     """A built-in set (code, math, chat), ``humaneval`` or any JSONL of ``prompt`` or ``messages`` lines."""
     if file is None:
@@ -59,6 +64,8 @@ def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[li
             continue
         try:
             item = json.loads(line)
+            if "task_id" in item and "messages" not in item and tokenizer.chat_template is not None:
+                item = {"messages": humaneval_messages(item["prompt"])}  # through the chat template
             if "messages" in item:
                 prompts.append(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True))
             else:

@@ -113,7 +113,8 @@ def read_shard(file: Path) -> dict[str, mx.array]:
 
 def to_treeflash_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """DFlash checkpoints store the backbone without the ``model.`` prefix: add it."""
-    return {k if k.startswith(("model.", "ar_approximation.")) else f"model.{k}": v for k, v in weights.items()}
+    ours = ("model.", "ar_approximation.", "draft_vocab")
+    return {k if k.startswith(ours) else f"model.{k}": v for k, v in weights.items()}
 
 
 def parameter_shapes(drafter: Drafter) -> dict[str, tuple[int, ...]]:
@@ -162,15 +163,31 @@ def load_drafter(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> tup
     drafter.load_weights(list(weights.items()))
     mx.eval(drafter.parameters())
     drafter.eval()
+    if "draft_vocab" in drafter:
+        check_draft_vocab(drafter.draft_vocab, config.vocab_size, path)
     return drafter, path
 
 
-def save_drafter(drafter: Drafter, path: Path) -> Path:
-    """Write a drafter in our MLX format: the published TreeFlash layout in safetensors, plus config.json."""
+def check_draft_vocab(ids: mx.array, vocab_size: int, where: Path) -> None:
+    """A draft vocabulary must name distinct target token ids (docs/formats.md)."""
+    if not mx.issubdtype(ids.dtype, mx.integer):
+        raise ValueError(f"drafter checkpoint '{where}': draft_vocab must hold integer token ids, not {ids.dtype}")
+    values = ids.tolist()
+    if min(values) < 0 or max(values) >= vocab_size:
+        raise ValueError(f"drafter checkpoint '{where}': draft_vocab holds ids outside [0, {vocab_size})")
+    if len(set(values)) != len(values):
+        raise ValueError(f"drafter checkpoint '{where}': draft_vocab repeats token ids")
+
+
+def save_drafter(drafter: Drafter, path: Path, dtype: mx.Dtype | None = None) -> Path:
+    """Write a drafter in our MLX format: the published TreeFlash layout in safetensors, plus config.json.
+    ``dtype`` casts the floating weights (the draft vocabulary stays integer)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(drafter.parameters())),
-                        metadata={"format": "mlx"})
+    weights = dict(tree_flatten(drafter.parameters()))
+    if dtype is not None:
+        weights = cast_floating(weights, dtype)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(drafter.args.to_dict(), indent=2))
     return path
 

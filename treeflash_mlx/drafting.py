@@ -41,6 +41,53 @@ def device_settings() -> dict[str, int]:
     return dict(CPU_SETTINGS if mx.default_device() == mx.cpu else PUBLISHED_SETTINGS)
 
 
+@dataclass
+class DraftHead:
+    """The target's output projection as drafting sees it (docs/formats.md, "Draft vocabulary").
+
+    Without a draft vocabulary the columns are the target's token ids and the target's own lm_head computes
+    them. A drafter with a draft vocabulary (FR-Spec's idea: the most frequent tokens of its training data)
+    scores only those tokens: its rows of the target's head are gathered (dequantized if need be) once, so
+    each round projects onto V' rows instead of the whole vocabulary. Columns are then draft ids, and
+    ``to_target`` maps them back. It shapes the tree only: verification is the target's, so output is the same.
+    """
+
+    target: Target
+    weight: mx.array | None  # (V', H) rows of the head; None: quantized whole head, use target.lm_head
+    ids: mx.array | None = None  # (V',) target id of each column; None: the columns are the target ids
+
+    @property
+    def size(self) -> int:
+        return self.target.vocab_size if self.ids is None else self.ids.shape[0]
+
+    def logits(self, normed: mx.array) -> mx.array:
+        if self.ids is None:
+            return self.target.lm_head(normed)
+        return normed @ self.weight.T
+
+    def to_target(self, columns: mx.array) -> mx.array:
+        return columns if self.ids is None else self.ids[columns]
+
+
+def make_head(drafter: Drafter, target: Target) -> DraftHead:
+    """The drafter's view of the target's head; built once per generation (the gather is not free)."""
+    if "draft_vocab" not in drafter:
+        return DraftHead(target, target.lm_head_weight())
+    ids = drafter.draft_vocab
+    head = target.model.lm_head if "lm_head" in target.model else target.embed_tokens
+    if "scales" in head:
+        biases = head["biases"][ids] if "biases" in head else None
+        weight = mx.dequantize(head.weight[ids], head.scales[ids], biases, group_size=head.group_size,
+                               bits=head.bits, mode=getattr(head, "mode", "affine"))
+        weight = weight.astype(head.scales.dtype)
+    else:
+        weight = head.weight[ids]
+    if "bias" in head:  # a head with a bias: fold it in as an extra input column of ones is not worth it here
+        raise ValueError("drafters with a draft vocabulary need a target head without bias")
+    mx.eval(weight)
+    return DraftHead(target, weight, ids)
+
+
 def _top(values: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """The k largest entries of each row, unsorted (sorted later in numpy, where it is cheap)."""
     idx = mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k]
@@ -56,17 +103,23 @@ def _log_softmax(logits: mx.array, temperature: float) -> mx.array:
     return log_softmax(logits.astype(mx.float32) / temperature)
 
 
-def table_arrays(drafter: Drafter, target: Target, root: int, hidden: mx.array, opts: DraftOptions) -> tuple:
-    """The tables' MLX graph (nothing evaluated) from the block's pre-norm hidden states (B, H)."""
-    B = hidden.shape[0]
-    k = min(opts.top_k, target.vocab_size)
-    normed = drafter.model.norm(hidden)
-    marginal = target.lm_head(normed[1:])  # depths 1..B-1
-    if opts.mode == "marginal" or not drafter.has_head:
-        return _top(_log_softmax(marginal, opts.temperature), k)
+def table_arrays(drafter: Drafter, target: Target, root: int, hidden: mx.array, opts: DraftOptions,
+                 head: DraftHead | None = None) -> tuple:
+    """The tables' MLX graph (nothing evaluated) from the block's pre-norm hidden states (B, H).
 
-    m = min(opts.top_m, target.vocab_size)
-    K = opts.head_vocab if 0 < opts.head_vocab < target.vocab_size else 0
+    Token ids in the result are the target's; inside, they are the head's columns (draft ids, with a draft
+    vocabulary), mapped back at the end."""
+    head = head or make_head(drafter, target)
+    B = hidden.shape[0]
+    k = min(opts.top_k, head.size)
+    normed = drafter.model.norm(hidden)
+    marginal = head.logits(normed[1:])  # depths 1..B-1
+    if opts.mode == "marginal" or not drafter.has_head:
+        idx, logp = _top(_log_softmax(marginal, opts.temperature), k)
+        return head.to_target(idx), logp
+
+    m = min(opts.top_m, head.size)
+    K = opts.head_vocab if 0 < opts.head_vocab < head.size else 0
     # Candidate previous tokens: the marginal top-m at depths 1..B-2, row r = rank r. With a restricted head
     # vocabulary they are the first m of the (sorted) marginal top-K, found in the same selection.
     vocab, value = _top(marginal, max(K, m))
@@ -76,30 +129,29 @@ def table_arrays(drafter: Drafter, target: Target, root: int, hidden: mx.array, 
     counts = head_rows(B, m, opts.tree_size)
     depth = np.repeat(np.arange(B - 2), counts)
     rank = np.arange(len(depth)) - np.repeat(np.cumsum(counts) - counts, counts)
-    prev = mx.concatenate([mx.array([root]), cand[mx.array(depth), mx.array(rank)]])
+    prev = mx.concatenate([mx.array([root]), head.to_target(cand[mx.array(depth), mx.array(rank)])])
     rows = drafter.correct(hidden[mx.array(np.concatenate([[1], depth + 2]))], target.embed_tokens(prev))
     # Into the grid of 1 + (B-2)·m rows; rows past a depth's count stay empty and are never used.
     grid = mx.zeros((1 + (B - 2) * m, hidden.shape[-1]), dtype=rows.dtype)
     grid[mx.array(np.concatenate([[0], 1 + depth * m + rank]))] = rows
     normed = drafter.model.norm(grid)
     if not K:
-        idx, logp = _top(_log_softmax(target.lm_head(normed), opts.temperature), k)
-        return idx, logp, cand
+        idx, logp = _top(_log_softmax(head.logits(normed), opts.temperature), k)
+        return head.to_target(idx), logp, head.to_target(cand)
     # On CPUs the lm_head, exp and selection over the whole vocabulary for every row cost more than the head
     # itself: score each row only over its depth's marginal top-K (tree scores only; lossless).
     k = min(k, K)
     vocab = vocab[:, :K]
     row_vocab = mx.concatenate([vocab[:1], mx.repeat(vocab[1:], m, axis=0)], axis=0)
-    weight = target.lm_head_weight()
-    if weight is None:  # quantized head: project fully, then keep the candidates
-        logits = mx.take_along_axis(target.lm_head(normed), row_vocab, axis=-1)
+    if head.weight is None:  # quantized head: project fully, then keep the candidates
+        logits = mx.take_along_axis(head.logits(normed), row_vocab, axis=-1)
     else:  # project onto the K candidate rows of the head only, depth by depth
-        logits = normed[:1] @ weight[vocab[0]].T
+        logits = normed[:1] @ head.weight[vocab[0]].T
         if B > 2:
-            rest = normed[1:].reshape(B - 2, m, -1) @ weight[vocab[1:]].transpose(0, 2, 1)
+            rest = normed[1:].reshape(B - 2, m, -1) @ head.weight[vocab[1:]].transpose(0, 2, 1)
             logits = mx.concatenate([logits, rest.reshape(-1, K)], axis=0)
     idx, logp = _top(_log_softmax(logits, opts.temperature), k)
-    return mx.take_along_axis(row_vocab, idx, axis=-1), logp, cand
+    return head.to_target(mx.take_along_axis(row_vocab, idx, axis=-1)), logp, head.to_target(cand)
 
 
 def tables(arrays: tuple, opts: DraftOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,10 +174,10 @@ def tables(arrays: tuple, opts: DraftOptions) -> tuple[np.ndarray, np.ndarray, n
 
 
 def transition_tables(
-    drafter: Drafter, target: Target, root: int, hidden: mx.array, opts: DraftOptions
+    drafter: Drafter, target: Target, root: int, hidden: mx.array, opts: DraftOptions, head: DraftHead | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tables (tokens, logp, next_row), each (B-1, rows, k), from the block's pre-norm hidden (B, H)."""
-    return tables(table_arrays(drafter, target, root, hidden, opts), opts)
+    return tables(table_arrays(drafter, target, root, hidden, opts, head), opts)
 
 
 def head_rows(block_size: int, top_m: int, tree_size: int) -> np.ndarray:
@@ -140,19 +192,21 @@ def untimed(stage: str, *arrays) -> None:
     """The default stage timer: no profiling, so no syncs between stages."""
 
 
-def start_draft(drafter: Drafter, target: Target, root: int, cache, opts: DraftOptions, timer=untimed) -> tuple:
+def start_draft(drafter: Drafter, target: Target, root: int, cache, opts: DraftOptions, timer=untimed,
+                head: DraftHead | None = None) -> tuple:
     """Build the drafting graph for a tree rooted at the last committed token and start evaluating it.
 
     The drafter cache holds the committed prefix. ``timer(stage, *arrays)`` closes each stage (see
-    ``speculative.RoundStats``)."""
+    ``speculative.RoundStats``); ``head`` is ``make_head(drafter, target)``, made once per generation."""
+    head = head or make_head(drafter, target)
     B = drafter.args.block_size
     block = mx.array([root] + [drafter.args.mask_token_id] * (B - 1))
     hidden = drafter(target.embed_tokens(block[None]), cache)[0]
     timer("drafter", hidden)
     if opts.mode == "chain":
-        arrays = (mx.argmax(target.lm_head(drafter.model.norm(hidden[1:])), axis=-1),)
+        arrays = (head.to_target(mx.argmax(head.logits(drafter.model.norm(hidden[1:])), axis=-1)),)
     else:
-        arrays = table_arrays(drafter, target, root, hidden, opts)
+        arrays = table_arrays(drafter, target, root, hidden, opts, head)
     mx.async_eval(arrays)
     timer("tables", *arrays)
     return arrays

@@ -15,7 +15,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
-from .drafting import MODES, DraftOptions, device_settings, finish_draft, start_draft, untimed
+from .drafting import MODES, DraftOptions, device_settings, finish_draft, make_head, start_draft, untimed
 from .sampling import LogitsProcessor, Sampler, greedy, node_logits, sample_and_accept
 from .target import Target, compact
 from .tree import root_only
@@ -199,6 +199,7 @@ def stream_generate(
     capture = drafter.args.target_layer_ids if use_drafter else []
     t_cache = target.make_cache()
     d_cache = drafter.make_cache() if use_drafter else None
+    head = make_head(drafter, target) if use_drafter else None
 
     tic = time.perf_counter()
     for i in range(0, len(prompt), PREFILL_STEP):  # prefill; every chunk's features go straight to the drafter
@@ -223,7 +224,7 @@ def stream_generate(
         # The next round's drafting is started before this round's tokens are emitted (its tail overlaps them),
         # unless these tokens end the generation.
         ends = generated + len(new) >= limit or any(token in stream.stop_ids for token, _, _ in new)
-        pending = start_draft(drafter, target, root, d_cache, opts, timer) if use_drafter and not ends else None
+        pending = start_draft(drafter, target, root, d_cache, opts, timer, head) if use_drafter and not ends else None
         for token, token_logprobs, from_draft in new:
             generated += 1
             history.append(token)

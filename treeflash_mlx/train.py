@@ -2,33 +2,34 @@
 
     python -m treeflash_mlx.train --model TARGET --data corpus/*.py prompts.jsonl --out my-drafter
 
-Recipe (the published one, scaled down), and the choices made here:
-- **Data are the target's own words.** Prompts are windows of the given text files (``--prompt-tokens`` long)
-  and/or the ``prompt`` fields of JSONL files; the target continues each one greedily (``--gen-tokens``,
-  batched, prompts of a batch cut to one length from the left). The drafter learns what the target says,
-  not what the corpus says.
-- **Features once per sequence.** The target's features (outputs of ``target_layer_ids``) of every sequence are
-  computed once and stored (float16); every training block reads them.
-- **Many anchors per sequence.** A step takes ``--batch`` sequences and ``--anchors`` random anchor positions in
-  each one's continuation. Anchor a makes the block ``[seq[a], MASK, ...]`` whose labels are
-  ``seq[a+1 .. a+B-1]``; its context is the features of positions ``< a``. All anchors of a sequence go through
-  ONE drafter pass: a mask lets each block see its own context prefix and its own block, nothing else.
-- **Losses.** Block loss: cross-entropy of the marginal logits at depths 1..B-1. Head loss: cross-entropy of the
-  AR-corrected logits with the TRUE previous token (teacher forcing; depth 1's previous token is the root).
-  Both weight depth d by ``exp(-(d-1)/7)`` (normalised): early depths decide acceptance, and later ones are
-  rarely reached. ``--mode full`` trains both (loss = block + head), ``head`` only the head on a frozen
-  backbone (upgrading a DFlash drafter to TreeFlash), ``backbone`` only the block loss (a DFlash drafter).
-- Progress bar with loss and tokens/s; a checkpoint every ``--save-every`` steps in ``<out>.work/``; running
-  the same command again resumes; at the end a held-out greedy evaluation reports τ and the drafter is saved
-  in the MLX format (``--export-hf`` also writes the published PyTorch layout).
-- Defaults suit a small target on a CPU; a large one wants more prompts, longer continuations and more steps.
+The recipe and why (docs/training.md has the long form):
+- **Data are the target's own words.** Prompts are windows of text files (``--prompt-tokens`` long) and/or
+  JSONL lines (``prompt`` text, or chat ``messages`` put through the target's chat template). The target
+  answers each one greedily (``--gen-tokens`` at most, stopping at its end-of-turn token), in batches.
+- **Features come free with the answers.** While it generates, the target's layers ``target_layer_ids`` are
+  read at every position (prompt and answer) and stored in float16 shards in the work directory: no second
+  target pass. Shards are written one batch at a time, so an interrupted run keeps what it generated.
+- **A draft vocabulary** (``--draft-vocab-size``, FR-Spec's idea): the most frequent answer tokens. The drafter
+  scores only those, in training and in drafting, so each row costs V' instead of the whole vocabulary
+  (Qwen: 151,936). Labels outside it are left out of the loss (the drafter can never propose them).
+- **Many anchors per sequence.** A step takes ``--batch`` sequences and ``--anchors`` random root positions in
+  each answer. Anchor a makes the block ``[seq[a], MASK, ...]`` with labels ``seq[a+1 .. a+B-1]`` and
+  context the features of positions ``< a``; all anchors of a sequence go through ONE masked drafter pass.
+- **Losses.** Block loss: cross-entropy of the marginal logits at depths 1..B-1. Head loss: the same for the
+  AR-corrected logits given the TRUE previous token (teacher forcing). Depth d weighs ``exp(-(d-1)/7)``.
+  ``--mode full`` trains both, ``head`` only the head on a frozen backbone, ``backbone`` only the block loss.
+- Progress and ETA in every phase; checkpoints every ``--save-every`` steps; running the same command again
+  resumes (with more ``--num-prompts`` or ``--steps`` it goes on with more data or steps); every
+  ``--eval-every`` steps the held-out τ is appended to ``tau_curve.jsonl`` with the label tokens seen so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,25 +48,30 @@ from .target import Target
 
 DEPTH_DECAY = 7.0
 MODES = ("full", "head", "backbone")
+# Settings a work directory is bound to: data and features made with others cannot be reused.
+BINDING = ("model", "drafter", "mode", "target_layer_ids", "block_size", "prompt_tokens", "gen_tokens", "gen_batch",
+           "seed", "data", "draft_vocab_size", "layers", "intermediate_size")
+
+
+def _progress(total: int, initial: int, what: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=what, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                smoothing=0.05)
 
 
 # ---------------------------------------------------------------------------------------------------- data
 
 
 def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, rng) -> list[list[int]]:
-    """Token prompts of at most ``prompt_tokens``: windows of text files, ``prompt`` fields of JSONL lines
-    (longer ones keep their end)."""
+    """Token prompts of at most ``prompt_tokens``: windows of text files, JSONL ``prompt`` or ``messages``
+    lines (longer ones keep their end); JSONL prompts first, in file order, then random text windows."""
     texts, jsonl = [], []
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"training data '{f}' does not exist")
         if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        jsonl.append(tokenizer.encode(json.loads(line)["prompt"]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{f}:{n} is not a JSON object with a 'prompt' string") from None
+            jsonl += read_jsonl_prompts(f, tokenizer)
         else:
             texts.append(tokenizer.encode(f.read_text(errors="replace")))
     texts = [t for t in texts if len(t) > prompt_tokens]
@@ -77,47 +83,156 @@ def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, r
         t = texts[rng.choice(len(texts), p=weights / weights.sum())]
         start = int(rng.integers(0, len(t) - prompt_tokens))
         prompts.append(t[start : start + prompt_tokens])
-    return prompts[:count] if len(prompts) > count else prompts
+    return prompts[:count]
 
 
-def continue_greedily(model: nn.Module, prompts: list[list[int]], length: int, batch: int) -> np.ndarray:
-    """Each prompt continued greedily by the target up to ``length`` tokens in all: (N, length).
+def read_jsonl_prompts(path: Path, tokenizer) -> list[list[int]]:
+    """Token prompts of a JSONL file: ``{"prompt": text}`` as it is, ``{"messages": [...]}`` through the chat
+    template with the generation prompt added."""
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if "messages" in item:
+                out.append(list(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True)))
+            else:
+                out.append(tokenizer.encode(item["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}:{n} is not a JSON object with a 'prompt' string or 'messages' list") from err
+    return out
 
-    Prompts of one length are batched together (no padding, so nothing changes what the target sees)."""
+
+def answer_with_features(model: nn.Module, prompts: list[list[int]], gen_tokens: int, layer_ids: list[int],
+                         stop_ids: set[int], pad_id: int = 0) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """The target's greedy answers to a batch of prompts, read off with its features at every position.
+
+    Prompts are left-padded into one batch (mlx-lm's ``BatchKVCache`` masks the padding). Each answer stops
+    after a token of ``stop_ids`` (kept) or at ``gen_tokens``. Returns, per prompt, (tokens, prompt length,
+    features (len(tokens), F) float16); the last token's features are zeros: no pass ever reads it."""
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.cache import BatchKVCache
+
     target = Target(model)
-    out = np.zeros((len(prompts), length), dtype=np.int64)
-    by_length: dict[int, list[int]] = {}
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    pads = [width - n for n in lengths]
+    x = mx.array([[pad_id] * pad + p for pad, p in zip(pads, prompts)])
+    cache = [BatchKVCache(pads) for _ in target.layers]
+    keep = set(layer_ids)
+
+    def forward(tokens: mx.array) -> tuple[mx.array, mx.array]:
+        h = target.embed_tokens(tokens)
+        mask = create_attention_mask(h, cache[0])
+        feats = []
+        for i, (layer, c) in enumerate(zip(target.layers, cache)):
+            h = layer(h, mask, c)
+            if i in keep:
+                feats.append(h)
+        logits = target.lm_head(target.model.model.norm(h[:, -1]))
+        return mx.argmax(logits, axis=-1), mx.concatenate(feats, axis=-1).astype(mx.float16)
+
+    y, feats = forward(x)
+    mx.eval(y, feats)
+    steps_feats, steps_tokens = [np.array(feats)], [np.array(y)]
+    done = np.isin(steps_tokens[-1], list(stop_ids))
+    for _ in range(gen_tokens - 1):
+        if done.all():
+            break
+        y, feats = forward(y[:, None])
+        mx.eval(y, feats)
+        steps_feats.append(np.array(feats))
+        steps_tokens.append(np.array(y))
+        done |= np.isin(steps_tokens[-1], list(stop_ids))
+    answers = np.stack(steps_tokens, axis=1)  # (N, steps)
+    answer_feats = np.concatenate(steps_feats[1:], axis=1) if len(steps_feats) > 1 else None
+    out = []
     for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    for n, rows in by_length.items():
-        for j in range(0, len(rows), batch):
-            part = rows[j : j + batch]
-            x = mx.array([prompts[i] for i in part])
-            cache = target.make_cache()
-            pieces = [x]
-            logits = model(x, cache=cache)[:, -1]
-            for _ in range(length - n):
-                y = mx.argmax(logits, axis=-1)[:, None]
-                pieces.append(y)
-                logits = model(y, cache=cache)[:, -1]
-                mx.eval(logits, y)
-            out[part] = np.array(mx.concatenate(pieces, axis=1))
+        row = answers[i]
+        stops = np.flatnonzero(np.isin(row, list(stop_ids)))
+        n = int(stops[0]) + 1 if len(stops) else len(row)
+        tokens = np.concatenate([np.array(p, dtype=np.int32), row[:n].astype(np.int32)])
+        f = [steps_feats[0][i, pads[i]:]]
+        if n > 1:
+            f.append(answer_feats[i, : n - 1])
+        f.append(np.zeros((1, f[0].shape[-1]), dtype=np.float16))
+        out.append((tokens, len(p), np.concatenate(f, axis=0)))
     return out
 
 
-def target_features(model: nn.Module, seqs: np.ndarray, layer_ids: list[int], batch: int) -> np.ndarray:
-    """Features of every position of every sequence, once (float16 to halve the memory)."""
-    target = Target(model)
-    out = np.zeros((*seqs.shape, len(layer_ids) * target.hidden_size), dtype=np.float16)
-    for i in range(0, len(seqs), batch):
-        h = target.embed_tokens(mx.array(seqs[i : i + batch]))
-        feats = {}
-        for j, layer in enumerate(target.layers):
-            h = layer(h, "causal", None)
-            if j in layer_ids:
-                feats[j] = h
-        out[i : i + batch] = np.array(mx.concatenate([feats[j] for j in layer_ids], axis=-1).astype(mx.float16))
-    return out
+def generate_shards(model, prompts: list[list[int]], args, layer_ids: list[int], stop_ids: set[int],
+                    shard_dir: Path) -> None:
+    """Answer every prompt (``--gen-batch`` a shard), skipping shards already written."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    batches = [prompts[i : i + args.gen_batch] for i in range(0, len(prompts), args.gen_batch)]
+    have = sum((shard_dir / f"{i:05d}.npz").exists() for i in range(len(batches)))
+    if have == len(batches):
+        return
+    bar = _progress(len(prompts), 0, "answering prompts", "prompt")
+    tokens_made, tic = 0, time.perf_counter()
+    for i, batch in enumerate(batches):
+        if (shard_dir / f"{i:05d}.npz").exists():
+            bar.update(len(batch))
+            continue
+        answers = answer_with_features(model, batch, args.gen_tokens, layer_ids, stop_ids)
+        write_shard(shard_dir / f"{i:05d}", answers)
+        tokens_made += sum(len(t) - n for t, n, _ in answers)
+        bar.set_postfix(answer_tok_s=f"{tokens_made / (time.perf_counter() - tic):.0f}")
+        bar.update(len(batch))
+    bar.close()
+
+
+def write_shard(stem: Path, answers: list[tuple[np.ndarray, int, np.ndarray]]) -> None:
+    """Features first, the index last: a shard exists once its ``.npz`` does."""
+    feats = np.concatenate([f for _, _, f in answers])
+    _atomic_write(stem.with_suffix(".feats.npy"), lambda f: np.save(open(f, "wb"), feats))
+    offsets = np.cumsum([0] + [len(t) for t, _, _ in answers])
+    _atomic_write(stem.with_suffix(".npz"), lambda f: np.savez(open(f, "wb"), tokens=np.concatenate(
+        [t for t, _, _ in answers]), offsets=offsets, prompt_lens=np.array([n for _, n, _ in answers])))
+
+
+class Corpus:
+    """The generated sequences of a work directory: tokens in memory, features memory-mapped."""
+
+    def __init__(self, shard_dir: Path, count: int):
+        self.rows: list[tuple[int, int, int, int]] = []  # (shard, start, length, prompt length)
+        self.tokens, self.features = [], []
+        for s, index in enumerate(sorted(shard_dir.glob("*.npz"))):
+            data = np.load(index)
+            self.tokens.append(data["tokens"])
+            self.features.append(np.load(index.with_name(index.name.replace(".npz", ".feats.npy")), mmap_mode="r"))
+            offsets = data["offsets"]
+            for j, plen in enumerate(data["prompt_lens"]):
+                self.rows.append((s, int(offsets[j]), int(offsets[j + 1] - offsets[j]), int(plen)))
+        self.rows = self.rows[:count]
+        if not self.rows:
+            raise ValueError(f"no generated sequences in {shard_dir}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def answer_tokens(self) -> np.ndarray:
+        return np.concatenate([self.tokens[s][a + p : a + n] for s, a, n, p in self.rows])
+
+    def batch(self, rows: np.ndarray, pad_to: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """tokens (S, T), features (S, T, F) float32, lengths (S,), prompt lengths (S,), padded to ``pad_to``."""
+        S, F = len(rows), self.features[0].shape[-1]
+        tokens = np.zeros((S, pad_to), dtype=np.int32)
+        feats = np.zeros((S, pad_to, F), dtype=np.float32)
+        lengths, plens = np.zeros(S, dtype=np.int64), np.zeros(S, dtype=np.int64)
+        for i, r in enumerate(rows):
+            s, a, n, p = self.rows[r]
+            tokens[i, :n] = self.tokens[s][a : a + n]
+            feats[i, :n] = self.features[s][a : a + n]
+            lengths[i], plens[i] = n, p
+        return tokens, feats, lengths, plens
+
+
+def draft_vocabulary(answer_tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
+    """The ``size`` most frequent answer tokens, most frequent first (ties: the lower id)."""
+    counts = np.bincount(answer_tokens, minlength=vocab_size)
+    return np.argsort(-counts, kind="stable")[:size].astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -163,24 +278,45 @@ def block_hidden(drafter: Drafter, features: mx.array, blocks: mx.array, anchors
     return x.reshape(S, A, B, H)
 
 
-def losses(drafter, target: Target, seqs, features, anchors, mode: str):
-    """(total, block loss, head loss) for a batch of sequences and anchors."""
+def output_rows(drafter: Drafter, target: Target) -> tuple[mx.array, mx.array]:
+    """The output rows the drafter is trained against and ``column[token]``: a token's column, or -1 for a
+    token outside the draft vocabulary. Without one, every token is its own column."""
+    weight = target.lm_head_weight()
+    if weight is None:
+        raise ValueError("training needs a target whose output head is not quantized; convert it to float first")
+    if "draft_vocab" not in drafter:
+        return weight, mx.arange(target.vocab_size)
+    ids = drafter.draft_vocab
+    column = mx.full((target.vocab_size,), -1, dtype=mx.int32)
+    column[ids] = mx.arange(ids.shape[0], dtype=mx.int32)
+    return weight[ids], column
+
+
+def losses(drafter, target: Target, rows: mx.array, column: mx.array, seqs, lengths, features, anchors, mode: str):
+    """(total, block loss, head loss) for a batch of sequences (S, T) and anchors (S, A).
+
+    Depth d's loss is the mean over the blocks whose label at d is inside the answer and inside the draft
+    vocabulary; depths weigh ``exp(-(d-1)/DEPTH_DECAY)``, normalised."""
     S, A = anchors.shape
     B = drafter.args.block_size
     offsets = mx.arange(B)
-    positions = anchors[:, :, None] + offsets  # (S, A, B)
+    positions = mx.minimum(anchors[:, :, None] + offsets, seqs.shape[1] - 1)  # (S, A, B)
     tokens = mx.take_along_axis(seqs[:, None, :], positions.reshape(S, 1, -1), axis=-1).reshape(S, A, B)
     block_ids = mx.where(offsets == 0, tokens, drafter.args.mask_token_id)
     hidden = block_hidden(drafter, features, target.embed_tokens(block_ids), anchors)
     if mode == "head":
         hidden = mx.stop_gradient(hidden)
-    labels = tokens[:, :, 1:]
+    labels = column[tokens[:, :, 1:]]
+    valid = (labels >= 0) & ((anchors[:, :, None] + offsets[1:]) < lengths[:, None, None])
+    labels = mx.maximum(labels, 0)
     w = mx.exp(-mx.arange(B - 1) / DEPTH_DECAY)
     w = w / w.sum()
+    count = mx.maximum(valid.sum(axis=(0, 1)), 1)
 
     def ce(h):
-        logits = target.lm_head(drafter.model.norm(h)).astype(mx.float32)
-        return (nn.losses.cross_entropy(logits, labels, reduction="none").mean(axis=(0, 1)) * w).sum()
+        logits = (drafter.model.norm(h) @ rows.T).astype(mx.float32)
+        per_token = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        return ((mx.where(valid, per_token, 0.0).sum(axis=(0, 1)) / count) * w).sum()
 
     block = ce(hidden[:, :, 1:]) if mode != "head" else mx.array(0.0)
     head = mx.array(0.0)
@@ -193,19 +329,23 @@ def losses(drafter, target: Target, seqs, features, anchors, mode: str):
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def new_drafter(target: Target, layers: int, block_size: int, layer_ids: list[int] | None, mask_token_id: int,
-                head: bool) -> Drafter:
-    args = target.model.args
+def new_drafter(target: Target, args: argparse.Namespace, layer_ids: list[int] | None, mask_token_id: int,
+                draft_vocab: np.ndarray | None) -> Drafter:
+    t = target.model.args
     config = DrafterConfig(
-        hidden_size=args.hidden_size, num_hidden_layers=layers, num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads, intermediate_size=args.intermediate_size,
-        vocab_size=args.vocab_size, num_target_layers=len(target.layers), mask_token_id=mask_token_id,
-        head_dim=getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads,
-        block_size=block_size, rms_norm_eps=args.rms_norm_eps, rope_theta=getattr(args, "rope_theta", 10000.0),
-        max_position_embeddings=getattr(args, "max_position_embeddings", None) or 40960,
-        target_layer_ids=layer_ids or [], ar_approximation="swiglu" if head else None,
+        hidden_size=t.hidden_size, num_hidden_layers=args.layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, intermediate_size=args.intermediate_size or t.intermediate_size,
+        vocab_size=t.vocab_size, num_target_layers=len(target.layers), mask_token_id=mask_token_id,
+        head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
+        block_size=args.block_size, rms_norm_eps=t.rms_norm_eps, rope_theta=getattr(t, "rope_theta", 10000.0),
+        max_position_embeddings=getattr(t, "max_position_embeddings", None) or 40960,
+        target_layer_ids=layer_ids or [], ar_approximation="swiglu" if args.mode != "backbone" else None,
+        draft_vocab_size=len(draft_vocab) if draft_vocab is not None else None,
     )
-    return zero_head(Drafter(config))
+    drafter = zero_head(Drafter(config))
+    if draft_vocab is not None:
+        drafter.draft_vocab = mx.array(draft_vocab, dtype=mx.int32)
+    return drafter
 
 
 def zero_head(drafter: Drafter) -> Drafter:
@@ -215,9 +355,10 @@ def zero_head(drafter: Drafter) -> Drafter:
     return drafter
 
 
-def evaluate(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
-    """Mean τ (greedy) per drafting mode on held-out prompts."""
-    modes = ["treeflash", "marginal", "chain"] if drafter.has_head else ["marginal", "chain"]
+def evaluate(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: int,
+             modes: list[str] | None = None) -> dict[str, float]:
+    """Mean τ (greedy, the device's default tree settings) per drafting mode on held-out prompts."""
+    modes = modes or (["treeflash", "marginal", "chain"] if drafter.has_head else ["marginal", "chain"])
     out = {}
     for mode in modes:
         taus = []
@@ -237,9 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="full")
     p.add_argument("--drafter", default=None, help="start from this drafter (required for --mode head)")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--intermediate-size", type=int, default=None, help="drafter MLP width (default: the target's)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--mask-token-id", type=int, default=None, help="default: the last id of the vocabulary")
+    p.add_argument("--draft-vocab-size", type=int, default=0,
+                   help="score only the N most frequent answer tokens (0: the whole vocabulary)")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--gen-tokens", type=int, default=192)
@@ -249,10 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchors", type=int, default=16, help="blocks per sequence per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-data", type=Path, default=None,
+                   help="JSONL of held-out prompts (default: the first --eval-prompts prompts of --data)")
     p.add_argument("--eval-prompts", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=0, help="τ on the held-out prompts every N steps (0: at the end)")
     p.add_argument("--work-dir", type=Path, default=None, help="data, features, checkpoints (default: <out>.work)")
     p.add_argument("--export-hf", type=Path, default=None, help="also write the published PyTorch layout here")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the written drafter's weights")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -260,17 +409,62 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.mode == "head" and args.drafter is None:
         raise ValueError("--mode head trains a head on an existing DFlash drafter: pass it with --drafter")
-    for name in ("steps", "batch", "anchors", "save_every", "num_prompts", "prompt_tokens", "gen_batch", "layers"):
+    for name in ("steps", "batch", "anchors", "save_every", "num_prompts", "prompt_tokens", "gen_batch", "layers",
+                 "eval_tokens", "block_size", "gen_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name in ("eval_prompts", "eval_every", "draft_vocab_size"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if args.intermediate_size is not None and args.intermediate_size < 1:
+        raise ValueError(f"--intermediate-size must be at least 1, got {args.intermediate_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out '{args.out}' is a file; pass a directory path")
+    for f in [*args.data, *([args.eval_data] if args.eval_data else [])]:
+        if not f.is_file():
+            raise ValueError(f"training data '{f}' does not exist or is not a file")
 
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name("tmp-" + path.name)  # same suffix: mx.save_safetensors insists on it
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _bound_settings(args: argparse.Namespace, ids: list[int], block_size: int) -> dict:
+    return {"model": str(args.model), "drafter": str(args.drafter), "mode": args.mode, "target_layer_ids": ids,
+            "block_size": block_size, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+            "gen_batch": args.gen_batch,
+            "seed": args.seed, "data": [str(f) for f in args.data], "draft_vocab_size": args.draft_vocab_size,
+            "layers": args.layers, "intermediate_size": args.intermediate_size}
+
+
+def check_work_dir(work: Path, meta: dict) -> None:
+    if (work / "meta.json").exists():
+        old = json.loads((work / "meta.json").read_text())
+        changed = sorted(k for k in BINDING if old.get(k) != meta.get(k))
+        if changed:
+            raise ValueError(f"{work} holds a run with other settings ({', '.join(changed)}); "
+                             "use another --work-dir or delete it")
+
+
+def base_drafter(args: argparse.Namespace, target: Target) -> Drafter | None:
+    """The drafter to start from (``--drafter``), with a fresh head when a DFlash one is to gain one."""
+    if args.drafter is None:
+        return None
+    base, _ = load_drafter(args.drafter)
+    if args.mode == "backbone" or base.has_head:
+        return base
+    config = DrafterConfig.from_dict(dict(base.args.to_dict(), treeflash_config={"ar_approximation": "swiglu"}))
+    drafter = zero_head(Drafter(config))
+    drafter.update(base.parameters())
+    return drafter
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -278,116 +472,138 @@ def train(args: argparse.Namespace) -> dict:
     model, tokenizer, _ = load(args.model)
     target = Target(model)
     work = args.work_dir or args.out.parent / (args.out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     mx.random.seed(args.seed)
 
-    if args.drafter is not None:
-        base, _ = load_drafter(args.drafter)
-        drafter = base
-        if args.mode != "backbone" and not base.has_head:  # add a fresh head to a DFlash drafter
-            config = DrafterConfig.from_dict(dict(base.args.to_dict(), treeflash_config={"ar_approximation": "swiglu"}))
-            drafter = zero_head(Drafter(config))
-            drafter.update(base.parameters())
+    # Settle everything that can be wrong before any work is done or any file is written.
+    drafter = base_drafter(args, target)
+    if drafter is not None:
+        validate(drafter.args, target)
+        B, ids = drafter.args.block_size, drafter.args.target_layer_ids
     else:
+        B = args.block_size
+        probe = DrafterConfig(hidden_size=1, num_hidden_layers=args.layers, num_attention_heads=1,
+                              num_key_value_heads=1, intermediate_size=1, vocab_size=target.vocab_size,
+                              num_target_layers=len(target.layers), mask_token_id=0, block_size=B,
+                              target_layer_ids=args.target_layer_ids or [])
+        ids = probe.target_layer_ids
+        bad = [i for i in ids if not 0 <= i < len(target.layers)]
+        if bad:
+            raise ValueError(f"target_layer_ids {bad} out of range for {len(target.layers)} layers")
         mask = args.mask_token_id if args.mask_token_id is not None else target.vocab_size - 1
-        drafter = new_drafter(target, args.layers, args.block_size, args.target_layer_ids, mask,
-                              head=args.mode != "backbone")
-    validate(drafter.args, target)
-    B, ids = drafter.args.block_size, drafter.args.target_layer_ids
+        if not 0 <= mask < target.vocab_size:
+            raise ValueError(f"--mask-token-id {mask} is outside the vocabulary of {target.vocab_size}")
     if args.gen_tokens < B:
         raise ValueError(f"--gen-tokens ({args.gen_tokens}) must be at least the block size ({B})")
-    meta = {"model": str(args.model), "drafter": str(args.drafter), "mode": args.mode, "target_layer_ids": ids,
-            "block_size": B, "num_prompts": args.num_prompts, "prompt_tokens": args.prompt_tokens,
-            "gen_tokens": args.gen_tokens, "eval_prompts": args.eval_prompts, "seed": args.seed,
-            "data": [str(f) for f in args.data]}
-    if (work / "meta.json").exists():
-        old = json.loads((work / "meta.json").read_text())
-        changed = sorted(k for k in meta if old.get(k) != meta[k])
-        if changed:
-            raise ValueError(f"{work} holds a run with other settings ({', '.join(changed)}); "
-                             "use another --work-dir or delete it")
-    else:
-        (work / "meta.json").write_text(json.dumps(meta, indent=2))
-
-    if (work / "seqs.npz").exists():
-        data = np.load(work / "seqs.npz")
-        seqs, prompt_lens = data["seqs"], data["prompt_lens"]
-        eval_prompts = json.loads((work / "eval_prompts.json").read_text())
-    else:
-        prompts = read_prompts(args.data, tokenizer, args.prompt_tokens, args.num_prompts + args.eval_prompts, rng)
+    if args.draft_vocab_size > target.vocab_size:
+        raise ValueError(f"--draft-vocab-size {args.draft_vocab_size} exceeds the vocabulary of {target.vocab_size}")
+    meta = _bound_settings(args, ids, B)
+    check_work_dir(work, meta)
+    eval_prompts = read_jsonl_prompts(args.eval_data, tokenizer)[: args.eval_prompts] if args.eval_data else None
+    prompts = read_prompts(args.data, tokenizer, args.prompt_tokens,
+                           args.num_prompts + (0 if eval_prompts is not None else args.eval_prompts), rng)
+    if eval_prompts is None:
         eval_prompts, prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]
-        if not prompts:
-            raise ValueError("no training prompts left after the held-out ones: add data or lower --eval-prompts")
-        print(f"generating the target's continuations of {len(prompts)} prompts", file=sys.stderr)
-        seqs = continue_greedily(model, prompts, args.prompt_tokens + args.gen_tokens, args.gen_batch)
-        prompt_lens = np.array([len(p) for p in prompts])
-        (work / "eval_prompts.json").write_text(json.dumps(eval_prompts))
-        _atomic_write(work / "seqs.npz", lambda f: np.savez(open(f, "wb"), seqs=seqs, prompt_lens=prompt_lens))
-    if not (work / "features.npy").exists():
-        print(f"computing target features of {len(seqs)} sequences", file=sys.stderr)
-        feats = target_features(model, seqs, ids, args.gen_batch)
-        _atomic_write(work / "features.npy", lambda f: np.save(open(f, "wb"), feats))
-        del feats
-    features = np.load(work / "features.npy", mmap_mode="r")
+    if not prompts:
+        raise ValueError("no training prompts left after the held-out ones: add data or lower --eval-prompts")
 
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "meta.json").write_text(json.dumps(meta, indent=2))  # the run has started: bind the directory
+    stop_ids = set(tokenizer.eos_token_ids)
+    generate_shards(model, prompts, args, ids, stop_ids, work / "shards")
+    corpus = Corpus(work / "shards", len(prompts))
+    print(f"{len(corpus)} sequences, {len(corpus.answer_tokens())} answer tokens", file=sys.stderr)
+
+    if drafter is None:
+        vocab = None
+        if args.draft_vocab_size:
+            if not (work / "draft_vocab.npy").exists():  # fixed once training starts
+                _atomic_write(work / "draft_vocab.npy", lambda f: np.save(open(f, "wb"), draft_vocabulary(
+                    corpus.answer_tokens(), args.draft_vocab_size, target.vocab_size)))
+            vocab = np.load(work / "draft_vocab.npy")
+            answers = corpus.answer_tokens()
+            print(f"draft vocabulary: {len(vocab)} tokens cover {np.isin(answers, vocab).mean():.2%} of the "
+                  "answer tokens", file=sys.stderr)
+        drafter = new_drafter(target, args, ids, mask, vocab)
+    report = fit(args, model, tokenizer, target, drafter, corpus, eval_prompts, work)
+    save_drafter(drafter, args.out, dtype=getattr(mx, args.save_dtype))
+    if args.export_hf is not None:
+        from .convert import export
+
+        export(args.out, args.export_hf, force=True)
+    print(json.dumps(report))
+    return report
+
+
+def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus, eval_prompts, work: Path) -> dict:
+    """The optimisation loop: resumable, with the held-out τ curve in ``tau_curve.jsonl``."""
+    B = drafter.args.block_size
     if args.mode == "head":
         drafter.freeze()
         drafter.ar_approximation.unfreeze()
-    schedule = optim.cosine_decay(args.lr, args.steps, end=args.lr * 0.1)
-    optimizer = optim.AdamW(learning_rate=lambda step: schedule(step) * mx.minimum(1.0, (step + 1) / 50),
-                            weight_decay=0.0)
-    step = 0
+    rows, column = output_rows(drafter, target)
+    rows = mx.stop_gradient(rows)
+    warmup = 50
+    optimizer = optim.AdamW(
+        learning_rate=lambda step: args.lr * mx.minimum(1.0, (step + 1) / warmup)
+        * (0.55 + 0.45 * mx.cos(math.pi * mx.minimum(step, args.steps) / args.steps)),
+        weight_decay=0.0)
+    step, seen = 0, 0
     if (work / "state.json").exists():
-        step = json.loads((work / "state.json").read_text())["step"]
+        state = json.loads((work / "state.json").read_text())
+        step, seen = state["step"], state.get("label_tokens", 0)
         drafter.load_weights(str(work / "drafter.safetensors"))
         optimizer.init(drafter.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(work / "optimizer.safetensors")).items()))
         print(f"resuming at step {step}", file=sys.stderr)
+    pad_to = max(n for _, _, n, _ in corpus.rows)
 
-    loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: losses(d, target, *a, args.mode))
+    loss_and_grad = nn.value_and_grad(drafter, lambda d, *a: losses(d, target, rows, column, *a, args.mode))
 
     def save_state():  # state.json last: it names a step only once that step's files are complete
         for name, tree in (("drafter", drafter.parameters()), ("optimizer", optimizer.state)):
             _atomic_write(work / f"{name}.safetensors",
                           lambda f, t=tree: mx.save_safetensors(str(f), dict(tree_flatten(t))))
-        _atomic_write(work / "state.json", lambda f: f.write_text(json.dumps({"step": step})))
+        _atomic_write(work / "state.json", lambda f: f.write_text(json.dumps({"step": step, "label_tokens": seen})))
 
-    from tqdm import tqdm
+    def record_tau():
+        drafter.eval()
+        taus = evaluate(model, tokenizer, drafter, eval_prompts, args.eval_tokens)
+        drafter.train()
+        with open(work / "tau_curve.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "label_tokens": seen, "tau": taus}) + "\n")
+        return taus
 
-    bar = tqdm(total=args.steps, initial=step, file=sys.stderr, unit="step")
-    tic, history = time.perf_counter(), []
+    bar = _progress(args.steps, step, "training", "step")
+    history, taus = [], {}
     while step < args.steps:
         step_rng = np.random.default_rng([args.seed, step])  # a resumed run sees the same batches
-        rows = step_rng.choice(len(seqs), size=min(args.batch, len(seqs)), replace=False)
-        rows.sort()
-        # anchors (root positions) anywhere in the continuation, the last prompt token included
-        low = prompt_lens[rows][:, None] - 1
-        anchors = step_rng.integers(low, seqs.shape[1] - B + 1, size=(len(rows), args.anchors))
-        batch = (mx.array(seqs[rows].astype(np.int32)), mx.array(features[rows]).astype(mx.float32), mx.array(anchors))
+        picks = np.sort(step_rng.choice(len(corpus), size=min(args.batch, len(corpus)), replace=False))
+        tokens, feats, lengths, plens = corpus.batch(picks, pad_to)
+        # Anchors (root positions) anywhere in the answer, the last prompt token included.
+        anchors = step_rng.integers(plens - 1, np.maximum(lengths - 1, plens), size=(args.anchors, len(picks))).T
+        batch = (mx.array(tokens), mx.array(lengths), mx.array(feats), mx.array(anchors))
         (loss, block, head), grads = loss_and_grad(drafter, *batch)
         optimizer.update(drafter, grads)
         mx.eval(loss, block, head, drafter.parameters(), optimizer.state)
         step += 1
+        seen += int((anchors[:, :, None] + np.arange(1, B) < lengths[:, None, None]).sum())
         history.append((loss.item(), block.item(), head.item()))
-        tps = len(rows) * args.anchors * (B - 1) / (time.perf_counter() - tic)
-        tic = time.perf_counter()
-        bar.set_postfix(loss=f"{np.mean([h[0] for h in history[-20:]]):.3f}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(loss=f"{np.mean([h[0] for h in history[-20:]]):.3f}", label_tokens=seen)
         bar.update(1)
         if step % args.save_every == 0 or step == args.steps:
             save_state()
+        if eval_prompts and args.eval_every and step % args.eval_every == 0:
+            taus = record_tau()
+            bar.write(f"step {step}: {seen} label tokens, held-out τ {json.dumps(taus)}")
     bar.close()
     drafter.unfreeze()
-    save_drafter(drafter, args.out)
-    if args.export_hf is not None:
-        from .convert import export
-
-        export(args.out, args.export_hf, force=True)
-    taus = evaluate(model, tokenizer, drafter, eval_prompts, args.eval_tokens) if eval_prompts else {}
-    report = {"steps": step, "final_loss": float(np.mean([h[0] for h in history[-20:]])) if history else None,
-              "mean_acceptance_length": taus}
-    print(json.dumps(report))
-    return report
+    drafter.eval()
+    if eval_prompts and (not args.eval_every or step % args.eval_every):
+        taus = record_tau()
+    return {"steps": step, "label_tokens": seen,
+            "final_loss": float(np.mean([h[0] for h in history[-20:]])) if history else None,
+            "mean_acceptance_length": taus}
 
 
 def main(argv: list[str] | None = None) -> int:
