@@ -66,6 +66,37 @@ def test_a_mismatch_is_reported_loudly(models, tmp_path, capsys, monkeypatch):
 
 def test_bad_options_fail_clearly(models, capsys):
     assert main(["--model", str(models[0]), "--modes", "ar,warp"]) == 1
-    assert "unknown mode(s) ['warp']" in capsys.readouterr().err
+    assert "unknown mode 'warp'" in capsys.readouterr().err
+    for bad in ("chain@8", "treeflash@0", "treeflash@fast"):
+        assert main(["--model", str(models[0]), "--modes", bad]) == 1
+        assert f"mode '{bad}': only marginal and treeflash take a variant" in capsys.readouterr().err
     assert main(["--model", str(models[0]), "--modes", "chain"]) == 1
     assert "need --drafter" in capsys.readouterr().err
+
+
+def test_published_settings_run_beside_the_device_defaults(models, tmp_path, capsys):
+    table, report = bench(capsys, models, tmp_path, "--modes", "treeflash,treeflash@published,marginal@8")
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == ["ar", "treeflash", "treeflash@published", "marginal@8"]
+    assert rows["treeflash@published"]["tree_size"] == 64 and rows["marginal@8"]["tree_size"] == 8
+    assert all(r["lossless"] for r in rows.values())
+    assert "@published: {'tree_size': 64, 'top_m': 16, 'head_vocab': 0}" in table
+
+
+def test_plain_decoding_alone_reports_only_what_it_measured(models, tmp_path, capsys):
+    """`--modes ar`: no verification costs, no tree budget, no τ histogram or cost plot to draw."""
+    table, report = bench(capsys, models, tmp_path, "--modes", "ar")
+    assert [r["mode"] for r in report["results"]] == ["ar"]
+    assert "verify cost" not in table and "tree budget" not in table
+    assert set(report["verify_costs_s"]) == {"step"}
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert written in ([], ["speedup.png"])  # [] where matplotlib is missing
+
+
+def test_humaneval_problems_go_through_the_chat_template(tmp_path, tokenizer):
+    f = tmp_path / "HumanEval.jsonl"
+    f.write_text(json.dumps({"task_id": "HumanEval/0", "prompt": "def f(x):\n    \"\"\"Double x.\"\"\"\n"}) + "\n")
+    (prompt,) = benchmark.read_prompts("humaneval", f, tokenizer, 5)
+    want = tokenizer.apply_chat_template(benchmark.humaneval_messages("def f(x):\n    \"\"\"Double x.\"\"\"\n"),
+                                         add_generation_prompt=True)
+    assert list(prompt) == list(want) and "Complete the following Python function" in tokenizer.decode(prompt)

@@ -26,7 +26,7 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
-from .drafting import device_settings
+from .drafting import PUBLISHED_SETTINGS, device_settings
 from .speculative import RoundStats, load, stream_generate
 from .target import Target
 from .tree import DraftTree, chain
@@ -107,13 +107,13 @@ def verify_costs(model, trees: dict, prefix: int, repeats: int = 10) -> dict:
     return {k: float(np.median(v[1:])) for k, v in times.items()}
 
 
-def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, tree_size, profile=False) -> dict:
-    """One generation; with ``profile``, every stage ends in a sync (see ``RoundStats``), so such runs give
-    the time split and the accepted paths, and the runs without it give the speed."""
+def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: dict, profile=False) -> dict:
+    """One generation with the drafting ``settings`` (tree_size, top_m, head_vocab); with ``profile``, every
+    stage ends in a sync (see ``RoundStats``), so such runs give the time split and the accepted paths, and
+    the runs without it give the speed."""
     stats = RoundStats() if profile else None
     responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=args.max_tokens, sampler=sampler,
-                                     mode=mode, tree_size=tree_size, top_m=args.draft_top_m,
-                                     head_vocab=args.draft_vocab, stats=stats))
+                                     mode=mode, stats=stats, **settings))
     tokens = [r.token for r in responses]
     if responses[-1].finish_reason == "stop" and tokens[-1] in tokenizer.eos_token_ids:
         tokens = tokens[:-1]  # mlx-lm does not emit the end-of-sequence token
@@ -214,35 +214,54 @@ def plot(results: list[dict], costs: dict, out: Path) -> list[str]:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(out / "speedup.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    written = ["speedup.png"]
     spec = [r for r in results if r["mode"] not in ("ar",)]
-    top = max([1, *[max(r["taus"]) for r in spec]])
-    for r in spec:
-        ax.hist(r["taus"], bins=np.arange(0.5, top + 1.5), histtype="step", lw=1.5, label=r["mode"], density=True)
-    ax.set_xlabel("τ (tokens per target pass)")
-    ax.set_ylabel("share of rounds")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "tau_histogram.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for shape in ("tree", "chain"):
-        sizes = sorted(int(k[len(shape):]) for k in costs if k.startswith(shape))
-        if sizes:
-            ax.plot(sizes, [costs[f"{shape}{n}"] / costs["step"] for n in sizes], marker="o", label=shape)
-    ax.legend()
-    ax.set_xlabel("nodes verified")
-    ax.set_ylabel("cost / one mlx-lm step")
-    fig.tight_layout()
-    fig.savefig(out / "verify_cost.png", dpi=120)
+    if spec:  # only speculative modes have a τ per round
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        top = max([1, *[max(r["taus"]) for r in spec]])
+        for r in spec:
+            ax.hist(r["taus"], bins=np.arange(0.5, top + 1.5), histtype="step", lw=1.5, label=r["mode"], density=True)
+        ax.set_xlabel("τ (tokens per target pass)")
+        ax.set_ylabel("share of rounds")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "tau_histogram.png", dpi=120)
+        written.append("tau_histogram.png")
+    curves = {shape: sorted(int(k[len(shape):]) for k in costs if k.startswith(shape)) for shape in ("tree", "chain")}
+    if any(curves.values()):  # only modes that verify more than one token measure a cost curve
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for shape, sizes in curves.items():
+            if sizes:
+                ax.plot(sizes, [costs[f"{shape}{n}"] / costs["step"] for n in sizes], marker="o", label=shape)
+        ax.legend()
+        ax.set_xlabel("nodes verified")
+        ax.set_ylabel("cost / one mlx-lm step")
+        fig.tight_layout()
+        fig.savefig(out / "verify_cost.png", dpi=120)
+        written.append("verify_cost.png")
     plt.close("all")
-    return ["speedup.png", "tau_histogram.png", "verify_cost.png"]
+    return written
+
+
+def base_mode(mode: str) -> str:
+    """``treeflash@32`` (budget 32) and ``treeflash@published`` (the published settings) are treeflash runs."""
+    return mode.split("@")[0]
+
+
+def check_modes(modes: list[str]) -> None:
+    for m in modes:
+        base, _, variant = m.partition("@")
+        if base not in ALL_MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(ALL_MODES)} (tree modes may add @N or "
+                             "@published)")
+        if variant and (base not in TREE_MODES or not (variant == "published" or variant.isdigit() and int(variant))):
+            raise ValueError(f"mode {m!r}: only {' and '.join(TREE_MODES)} take a variant, @N (a budget >= 1) "
+                             "or @published")
 
 
 def run(args: argparse.Namespace) -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in ALL_MODES]
-    if unknown:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
+    check_modes(modes)
     if args.max_tokens < 1 or args.num_prompts < 1:
         raise ValueError("--max-tokens and --num-prompts must be at least 1")
     if args.profile_prompts < 0:
@@ -260,41 +279,53 @@ def run(args: argparse.Namespace) -> None:
         args.draft_model = args.draft_model or (str(DEMO / "draft-model") if (DEMO / "draft-model").is_dir() else None)
     if "ar" not in modes:
         modes.insert(0, "ar")  # the baseline every ratio refers to
-    needs_drafter = [m for m in modes if m in ("chain", *TREE_MODES)]
+    needs_drafter = [m for m in modes if base_mode(m) in ("chain", *TREE_MODES)]
     if needs_drafter and args.drafter is None:
         raise ValueError(f"mode(s) {needs_drafter} need --drafter")
     if "draft-model" in modes and args.draft_model is None:
         raise ValueError("mode 'draft-model' needs --draft-model (a small model with the same tokenizer)")
     model, tokenizer, drafter = load(args.model, args.drafter)
     draft_model = load(args.draft_model)[0] if "draft-model" in modes else None
-    if "treeflash" in modes and drafter is not None and not drafter.has_head:
+    if any(base_mode(m) == "treeflash" for m in modes) and drafter is not None and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head")
     prompts = read_prompts(args.prompts, args.prompts_file, tokenizer, args.num_prompts)
     sampler = make_sampler(args.temp)
     mx.random.seed(args.seed)
 
+    def settings(mode: str, tree_size: int) -> dict:
+        if mode.endswith("@published"):
+            return dict(PUBLISHED_SETTINGS)
+        return {"tree_size": tree_size, "top_m": args.draft_top_m, "head_vocab": args.draft_vocab}
+
     def once(mode: str, prompt, tree_size: int, profile: bool = False) -> dict:
         if mode in ("ar", "draft-model"):
             return run_mlx_lm(model, tokenizer, draft_model if mode == "draft-model" else None, prompt, args, sampler)
-        return run_ours(model, tokenizer, drafter, prompt, mode.split("@")[0], args, sampler, tree_size, profile)
+        return run_ours(model, tokenizer, drafter, prompt, base_mode(mode), args, sampler, settings(mode, tree_size),
+                        profile)
 
     B = drafter.args.block_size if drafter is not None else 16
     rng = np.random.default_rng(0)
     vocab = model.args.vocab_size
     sizes = set()  # the verification costs this run's modes need (tree modes: the whole curve, for the plot)
-    if any(m in TREE_MODES for m in modes):
+    if any(base_mode(m) in TREE_MODES for m in modes):
         sizes = set(AUTO_CANDIDATES) | ({int(args.tree_size)} if args.tree_size != "auto" else set())
     trees = {f"tree{n}": bushy_tree(n, vocab, rng) for n in sorted(sizes)}
     if "chain" in modes:
         trees[f"chain{B}"] = chain(0, rng.integers(0, vocab, B - 1))
     if "draft-model" in modes:
         trees[f"chain{args.num_draft_tokens + 1}"] = chain(0, rng.integers(0, vocab, args.num_draft_tokens))
+    tree_sizes = {m: 64 if args.tree_size == "auto" else int(args.tree_size) for m in modes
+                  if base_mode(m) in TREE_MODES}
+    for m in modes:
+        variant = m.partition("@")[2]
+        if variant:
+            tree_sizes[m] = PUBLISHED_SETTINGS["tree_size"] if variant == "published" else int(variant)
+            trees.setdefault(f"tree{tree_sizes[m]}", bushy_tree(tree_sizes[m], vocab, rng))
     print("measuring verification costs", file=sys.stderr)
     # Costs after a prefix as long as the runs' mean context: attention makes them grow with it.
     prefix = int(np.mean([len(p) for p in prompts]) + args.max_tokens / 2)
     costs = verify_costs(model, trees, prefix)
 
-    tree_sizes = {m: 64 if args.tree_size == "auto" else int(args.tree_size) for m in modes}
     for m in modes:  # warm-up (kernels, caches) of the path that is timed
         once(m, prompts[0], 64)
     choice = None
@@ -307,10 +338,10 @@ def run(args: argparse.Namespace) -> None:
                                for r in profile])
             best, table = auto_tree_size(profile, costs, draft_s)
             choice = {"mode": profile_mode, "tree_size": best, "candidates": table}
-            for m in TREE_MODES:
-                if m in modes:
+            for m in modes:
+                if m in TREE_MODES:  # the plain tree modes; variants keep their own budget
                     tree_sizes[m] = best
-            modes += [f"{profile_mode}@{n}" for n in (16, 32, 64)]
+            modes += [f"{profile_mode}@{n}" for n in (16, 32, 64) if f"{profile_mode}@{n}" not in modes]
             for n in (16, 32, 64):
                 tree_sizes[f"{profile_mode}@{n}"] = n
     runs: dict[str, list[dict]] = {m: [] for m in modes}
@@ -330,16 +361,19 @@ def run(args: argparse.Namespace) -> None:
     results = [summarize(m, runs[m], profiles[m], runs["ar"], costs["step"], costs[verify_key(m)], args.temp)
                for m in modes]
     for r in results:
-        r["tree_size"] = tree_sizes.get(r["mode"]) if r["mode"].split("@")[0] in TREE_MODES else None
+        r["tree_size"] = tree_sizes.get(r["mode"])
     print(markdown(results))
-    print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, tree budget "
-          + ", ".join(f"{m} {n}" for m, n in tree_sizes.items() if m.split("@")[0] in TREE_MODES))
+    if tree_sizes:
+        print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, tree budget "
+              + ", ".join(f"{m} {n}" for m, n in tree_sizes.items())
+              + (f" (@published: {PUBLISHED_SETTINGS})" if any(m.endswith("@published") for m in modes) else ""))
     if choice:
         print(f"\n--tree-size auto chose {choice['tree_size']} for {choice['mode']}: "
               + ", ".join(f"n={n}: τ {v['tau']:.2f}, predicted {v['predicted_speedup']:.2f}x"
                           for n, v in choice["candidates"].items()))
-    print(f"\nverify cost / one mlx-lm step after {prefix} tokens: "
-          + ", ".join(f"{k} {v / costs['step']:.2f}x" for k, v in costs.items() if k != "step"))
+    if len(costs) > 1:
+        print(f"\nverify cost / one mlx-lm step after {prefix} tokens: "
+              + ", ".join(f"{k} {v / costs['step']:.2f}x" for k, v in costs.items() if k != "step"))
     if any(r["lossless"] is False for r in results):
         print("\nWARNING: a speculative mode's greedy output differs from plain decoding", file=sys.stderr)
     if args.output is not None:
@@ -361,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="code", help="code, math, chat, humaneval or a JSONL file")
     p.add_argument("--prompts-file", type=Path, default=None, help="JSONL file for the set (e.g. HumanEval.jsonl)")
     p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--modes", default=",".join(ALL_MODES))
+    p.add_argument("--modes", default=",".join(ALL_MODES),
+                   help="comma-separated; tree modes may add @N (budget N) or @published (tree 64, top-m 16, "
+                        "whole vocabulary), e.g. treeflash,treeflash@published")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--tree-size", default=None,
