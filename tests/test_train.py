@@ -183,3 +183,18 @@ def test_chat_prompts_go_through_the_chat_template(setup, tokenizer):
     f.write_text(json.dumps({"messages": "hi"}))
     with pytest.raises(ValueError, match="chat.jsonl:1 is not a JSON object"):
         read_jsonl_prompts(f, tokenizer)
+
+
+def test_prompts_are_batched_by_length_and_more_prompts_keep_the_earlier_batches():
+    from treeflash_mlx.train import length_batches
+
+    rng = np.random.default_rng(0)
+    prompts = [[1] * int(n) for n in rng.integers(1, 50, size=70)]
+    batches = length_batches(prompts, 4, pool=3)
+    assert sorted(map(len, (p for b in batches for p in b))) == sorted(map(len, prompts))
+    for b in batches:
+        assert [len(p) for p in b] == sorted(len(p) for p in b)
+    pooled = [sorted(len(p) for p in prompts[i : i + 12]) for i in range(0, 70, 12)]
+    assert [len(p) for b in batches[:3] for p in b] == pooled[0], "a pool is its prompts sorted by length"
+    more = length_batches(prompts + [[2] * 9] * 30, 4, pool=3)
+    assert more[: len(batches) - 1] == batches[:-1], "only the last, partial pool may change"

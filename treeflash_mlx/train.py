@@ -165,7 +165,7 @@ def generate_shards(model, prompts: list[list[int]], args, layer_ids: list[int],
                     shard_dir: Path) -> None:
     """Answer every prompt (``--gen-batch`` a shard), skipping shards already written."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    batches = [prompts[i : i + args.gen_batch] for i in range(0, len(prompts), args.gen_batch)]
+    batches = length_batches(prompts, args.gen_batch)
     have = sum((shard_dir / f"{i:05d}.npz").exists() for i in range(len(batches)))
     if have == len(batches):
         return
@@ -181,6 +181,17 @@ def generate_shards(model, prompts: list[list[int]], args, layer_ids: list[int],
         bar.set_postfix(answer_tok_s=f"{tokens_made / (time.perf_counter() - tic):.0f}")
         bar.update(len(batch))
     bar.close()
+
+
+def length_batches(prompts: list[list[int]], size: int, pool: int = 16) -> list[list[list[int]]]:
+    """Batches of prompts of similar length: a batch is left-padded to its longest prompt, so random batches
+    would spend most of the prefill on padding. Prompts are sorted by length within pools of ``pool``
+    batches, so that a longer prompt list (a rerun with more ``--num-prompts``) keeps the earlier batches."""
+    batches = []
+    for start in range(0, len(prompts), size * pool):
+        chunk = sorted(prompts[start : start + size * pool], key=len)
+        batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    return batches
 
 
 def write_shard(stem: Path, answers: list[tuple[np.ndarray, int, np.ndarray]]) -> None:
