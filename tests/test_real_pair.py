@@ -1,0 +1,71 @@
+"""The shipped Qwen2.5-Coder-0.5B drafter with its real target: lossless in every mode.
+
+Runs when the target has been fetched (``../shared/models/fetch-model qwen2.5-coder-0.5b``, or a float32 copy
+named by ``TREEFLASH_QWEN_CODER``); skipped with the reason otherwise. Slow: ``-m "not slow"`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import mlx_lm_greedy
+
+from treeflash_mlx import load, stream_generate
+from treeflash_mlx.benchmark import humaneval_messages
+
+REPO = Path(__file__).resolve().parent.parent
+DRAFTER = REPO / "demos" / "drafters" / "qwen2.5-coder-0.5b-treeflash"
+MODELS = Path(os.environ.get("TREEFLASH_MODELS", Path.home() / ".cache" / "treeflash-models"))
+PROBLEMS = ["def is_palindrome(s: str) -> bool:\n    \"\"\"Return True when s reads the same both ways.\"\"\"\n",
+            "def running_max(xs: list[int]) -> list[int]:\n    \"\"\"The largest value seen so far, at each index.\"\"\"\n"]
+N_TOKENS = 40
+
+pytestmark = pytest.mark.slow
+
+
+def float32_target(tmp_path_factory) -> Path:
+    given = os.environ.get("TREEFLASH_QWEN_CODER")
+    if given:
+        return Path(given)
+    if (MODELS / "qwen2.5-coder-0.5b-f32" / "config.json").is_file():
+        return MODELS / "qwen2.5-coder-0.5b-f32"
+    source = MODELS / "qwen2.5-coder-0.5b"
+    if not (source / "config.json").is_file():
+        pytest.skip(f"the real target is not fetched ({source}): run shared/models/fetch-model qwen2.5-coder-0.5b")
+    from mlx_lm.convert import convert
+
+    out = tmp_path_factory.mktemp("qwen") / "f32"
+    convert(str(source), str(out), dtype="float32")  # bfloat16 skips the BLAS on this CPU
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    if not (DRAFTER / "config.json").is_file():
+        pytest.skip(f"no shipped drafter at {DRAFTER}")
+    model, tokenizer, drafter = load(str(float32_target(tmp_path_factory)), str(DRAFTER))
+    prompts = [tokenizer.apply_chat_template(humaneval_messages(p), add_generation_prompt=True) for p in PROBLEMS]
+    return model, tokenizer, drafter, prompts, [mlx_lm_greedy(model, p, N_TOKENS) for p in prompts]
+
+
+SETTINGS = {"treeflash": {}, "marginal": {}, "chain": {},
+            "treeflash-published": {"tree_size": 64, "top_m": 16, "head_vocab": 0}}
+
+
+@pytest.mark.parametrize("case", SETTINGS)
+def test_the_shipped_drafter_is_lossless_with_its_target(pair, case):
+    model, tokenizer, drafter, prompts, expected = pair
+    mode = case.split("-")[0]
+    taus = []
+    for prompt, reference in zip(prompts, expected):
+        responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode,
+                                         **SETTINGS[case]))
+        tokens = [r.token for r in responses]
+        assert tokens == reference[: len(tokens)]
+        assert len(tokens) == N_TOKENS or tokens[-1] in tokenizer.eos_token_ids
+        taus += list({r.round: r.acceptance_length for r in responses if r.round}.values())
+    assert sum(taus) / len(taus) > 1.0, "a trained drafter gets drafts accepted"
+    mx.clear_cache()
