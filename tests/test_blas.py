@@ -11,7 +11,8 @@ import pytest
 from treeflash_mlx import _blas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX uses Accelerate off Linux")
-OPENBLAS = next((p for p in _blas.CANDIDATES if os.path.exists(p)), None)
+OPENBLAS = next((p for p in _blas.OPENBLAS if os.path.exists(p)), None)
+MKL = next((p for p in _blas.mkl_candidates() if os.path.exists(p)), None)
 PROBE = "import treeflash_mlx, mlx.core as mx; from treeflash_mlx import _blas; print(_blas.active_blas)"
 
 
@@ -21,11 +22,27 @@ def probe(**env):
     return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=full, timeout=120)
 
 
-@pytest.mark.skipif(OPENBLAS is None, reason="no OpenBLAS installed (apt-get install libopenblas0-pthread)")
-def test_openblas_is_loaded_before_mlx():
+@pytest.mark.skipif(MKL is None, reason="the mkl wheel is not installed (a dependency on Linux x86_64)")
+def test_the_mkl_wheel_is_loaded_before_mlx_by_default():
     proc = probe()
+    assert proc.stdout.strip() == MKL and proc.stderr == ""
+    assert "libmkl_rt" in open("/proc/self/maps").read(), "the test process itself runs on MKL"
+
+
+@pytest.mark.skipif(OPENBLAS is None, reason="no OpenBLAS installed (apt-get install libopenblas0-pthread)")
+def test_the_system_openblas_serves_when_asked_or_without_mkl():
+    proc = probe(**{_blas.ENV_VAR: "openblas"})
     assert proc.stdout.strip() == OPENBLAS and proc.stderr == ""
-    assert "libopenblas" in open("/proc/self/maps").read(), "the test process itself runs on OpenBLAS"
+    if MKL is None:
+        assert probe().stdout.strip() == OPENBLAS
+
+
+def test_auto_tries_the_mkl_wheel_first_then_the_system_openblas():
+    auto = _blas.candidates("auto")
+    assert auto == _blas.mkl_candidates() + list(_blas.OPENBLAS)
+    assert all(p.startswith((sys.prefix, sys.base_prefix)) or ".local" in p for p in _blas.mkl_candidates())
+    assert _blas.candidates("OpenBLAS") == list(_blas.OPENBLAS) and _blas.candidates("mkl") == _blas.mkl_candidates()
+    assert _blas.candidates("/opt/blis/libblis.so") == ["/opt/blis/libblis.so"]
 
 
 def test_can_be_told_not_to():

@@ -1,27 +1,49 @@
 """Make MLX's Linux CPU backend use a fast BLAS (SPEC §8).
 
 The Linux `mlx[cpu]` wheel links the reference BLAS (~3 GFLOP/s): a 16-token tree verification then costs
-as much as 16 single steps and speculative decoding can only lose. Loading OpenBLAS with RTLD_GLOBAL
+as much as 16 single steps and speculative decoding can only lose. Loading a fast BLAS with RTLD_GLOBAL
 *before* `mlx.core` is imported makes MLX's `cblas_*` calls resolve to it instead.
 
+Where from: on Linux x86_64 the package depends on Intel's `mkl` wheel from the package index, so a plain
+`pip install` brings one (its `libmkl_rt` lands in the environment's `lib/`); elsewhere, or without it, the
+system OpenBLAS (`apt-get install libopenblas0-pthread`) serves. README "Linux CPU: fast BLAS" has the
+measurements behind the order.
+
 This module must run before the first `import mlx.core`, so `treeflash_mlx/__init__.py` imports it first.
-Control it with the environment variable ``TREEFLASH_MLX_BLAS``:
-``auto`` (default: try the usual OpenBLAS locations), ``off`` (leave MLX alone), or a path to a BLAS library.
+Control it with the environment variable ``TREEFLASH_MLX_BLAS``: ``auto`` (default: MKL from the environment,
+then the usual OpenBLAS locations), ``mkl`` or ``openblas`` (only that kind), ``off`` (leave MLX alone), or a
+path to a BLAS library.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import site
 import sys
 
 ENV_VAR = "TREEFLASH_MLX_BLAS"
-CANDIDATES = (
+OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 )
+
+MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2")
+
+
+def mkl_candidates() -> list[str]:
+    """Where pip puts the `mkl` wheel's runtime: the environment's (or the user base's) ``lib/``."""
+    roots = dict.fromkeys([sys.prefix, sys.base_prefix, getattr(site, "USER_BASE", None) or site.getuserbase()])
+    return [os.path.join(root, "lib", name) for root in roots for name in MKL_NAMES]
+
+
+def candidates(choice: str = "auto") -> list[str]:
+    """The libraries to try, in order, for a ``TREEFLASH_MLX_BLAS`` value."""
+    kinds = {"auto": mkl_candidates() + list(OPENBLAS), "mkl": mkl_candidates(), "openblas": list(OPENBLAS)}
+    return kinds.get(choice.lower(), [choice])
+
 
 #: The library that serves MLX's BLAS calls, or None when MLX uses its bundled reference BLAS.
 active_blas: str | None = None
@@ -60,8 +82,7 @@ def setup() -> str | None:
             f"import treeflash_mlx first or set LD_PRELOAD to an OpenBLAS ({ENV_VAR}=off silences this)."
         )
         return None
-    paths = (choice,) if choice.lower() != "auto" else CANDIDATES
-    for path in paths:
+    for path in candidates(choice):
         if not os.path.exists(path):
             continue
         try:
@@ -71,11 +92,12 @@ def setup() -> str | None:
             continue
         active_blas = path
         return path
-    if choice.lower() != "auto":
+    if choice.lower() not in ("auto", "mkl", "openblas"):
         _say(f"{ENV_VAR}={choice} does not exist; MLX keeps its slow reference BLAS.")
     else:
         _say(
-            "no fast BLAS found: MLX's CPU backend runs ~25x slower and speculative decoding cannot pay. "
-            f"Install one (Debian/Ubuntu: apt-get install libopenblas0-pthread); {ENV_VAR}=off silences this."
+            f"no fast BLAS found ({ENV_VAR}={choice}): MLX's CPU backend runs ~25x slower and speculative decoding "
+            "cannot pay. Install one (pip install mkl, or on Debian/Ubuntu apt-get install libopenblas0-pthread); "
+            f"{ENV_VAR}=off silences this."
         )
     return None
