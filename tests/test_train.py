@@ -31,7 +31,7 @@ def run(setup, out, *extra):
     target_dir, data, prompts, _ = setup
     argv = ["--model", str(target_dir), "--data", str(data), str(prompts), "--out", str(out), "--block-size", "6",
             "--num-prompts", "12", "--prompt-tokens", "12", "--gen-tokens", "24", "--batch", "3", "--anchors", "4",
-            "--eval-prompts", "2", "--eval-tokens", "12", "--lr", "3e-3", *map(str, extra)]
+            "--eval-prompts", "2", "--eval-tokens", "12", "--lr", "3e-3", "--force", *map(str, extra)]
     return train(build_parser().parse_args(argv))
 
 
@@ -199,3 +199,19 @@ def test_prompts_are_batched_by_length_and_more_prompts_keep_the_earlier_batches
     more = length_batches(prompts + [[2] * 9] * 30, 4, pool=3)
     full = 70 // 12 * 3  # batches of the complete pools
     assert more[:full] == batches[:full], "only the last, partial pool may change"
+
+
+def test_an_existing_out_is_replaced_only_when_asked(setup, tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    target_dir, data, prompts, _ = setup
+    argv = ["--model", str(target_dir), "--data", str(data), "--out", str(out), "--steps", "1"]
+    with pytest.raises(ValueError, match="already exists; pass --force"):
+        train(build_parser().parse_args(argv))
+    assert (out / "keep").read_text() == "mine" and not (tmp_path / "d.work").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train(build_parser().parse_args(argv[:-4] + ["--out", str(tmp_path / "f"), "--steps", "1"]))
+    with pytest.raises(ValueError, match="--eval-tokens must be at least 1"):
+        train(build_parser().parse_args(argv + ["--force", "--eval-tokens", "0"]))

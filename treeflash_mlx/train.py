@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the mlx-lm target")
     p.add_argument("--data", nargs="+", type=Path, required=True, help="text files and/or JSONL prompt files")
     p.add_argument("--out", type=Path, required=True, help="MLX drafter directory to write")
+    p.add_argument("--force", action="store_true", help="replace --out when it holds a drafter written before")
     p.add_argument("--mode", choices=MODES, default="full")
     p.add_argument("--drafter", default=None, help="start from this drafter (required for --mode head)")
     p.add_argument("--layers", type=int, default=1)
@@ -433,6 +434,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out '{args.out}' is a file; pass a directory path")
+    if args.out.exists() and not args.force:
+        raise ValueError(f"--out '{args.out}' already exists; pass --force to replace it (or another --out)")
     for f in [*args.data, *([args.eval_data] if args.eval_data else [])]:
         if not f.is_file():
             raise ValueError(f"training data '{f}' does not exist or is not a file")
@@ -537,7 +540,10 @@ def train(args: argparse.Namespace) -> dict:
                   "answer tokens", file=sys.stderr)
         drafter = new_drafter(target, args, ids, mask, vocab)
     report = fit(args, model, tokenizer, target, drafter, corpus, eval_prompts, work)
-    save_drafter(drafter, args.out, dtype=getattr(mx, args.save_dtype))
+    from .convert import _Staging
+
+    with _Staging(args.out, args.force) as staging:  # written aside, moved into place whole
+        save_drafter(drafter, staging, dtype=getattr(mx, args.save_dtype))
     if args.export_hf is not None:
         from .convert import export
 
