@@ -55,8 +55,11 @@ def target_config(family: str, vocab: int = 256, hidden: int = 64, layers: int =
         "rope_theta": 10000.0,
         "tie_word_embeddings": tie,
     }
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         config["head_dim"] = hidden // 4
+    if family == "qwen3_moe":  # every layer sparse: 4 experts, 2 per token
+        config.update(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                      moe_intermediate_size=hidden, norm_topk_prob=True)
     return config
 
 

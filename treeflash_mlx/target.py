@@ -13,7 +13,7 @@ import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
-SUPPORTED_FAMILIES = ("qwen3", "qwen2", "llama")
+SUPPORTED_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama")
 
 
 class Target:
