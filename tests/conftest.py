@@ -77,7 +77,7 @@ def tiny_target(family: str = "qwen3", seed: int = 0, **kwargs) -> nn.Module:
 
 def tiny_drafter(
     target: nn.Module, head: bool = True, block_size: int = 8, layers: int = 1, seed: int = 1,
-    draft_vocab: list[int] | None = None, **overrides
+    sub_vocab: list[int] | None = None, **overrides
 ) -> Drafter:
     args = target.args
     n_target = args.num_hidden_layers
@@ -94,15 +94,15 @@ def tiny_drafter(
         block_size=block_size,
         target_layer_ids=[1, n_target - 2] if n_target > 2 else [0],
         ar_approximation="swiglu" if head else None,
-        draft_vocab_size=len(draft_vocab) if draft_vocab is not None else None,
+        sub_vocab_size=len(sub_vocab) if sub_vocab is not None else None,
         **overrides,
     )
     mx.random.seed(seed)
     drafter = Drafter(config)
     # Random weights of a trained scale: make the head and the fusion matter.
     drafter.update(tree_map(lambda w: w * 2.0, drafter.parameters()))
-    if draft_vocab is not None:
-        drafter.draft_vocab = mx.array(list(draft_vocab), dtype=mx.int32)
+    if sub_vocab is not None:
+        drafter.sub_vocab = mx.array(list(sub_vocab), dtype=mx.int32)
     mx.eval(drafter.parameters())
     return drafter
 

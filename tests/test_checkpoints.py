@@ -81,12 +81,12 @@ def drop_tensor(path, key=None, add=None, reshape=None):
     mx.save_safetensors(str(path / "model.safetensors"), weights)
 
 
-def set_draft_vocab(path, ids):
-    """Give a saved drafter a 3-token draft vocabulary with the ids given (of any dtype)."""
+def set_sub_vocab(path, ids):
+    """Give a saved drafter a 3-token sub-vocabulary with the ids given (of any dtype)."""
     weights = dict(mx.load(str(path / "model.safetensors")))
-    weights["draft_vocab"] = ids
+    weights["sub_vocab"] = ids
     mx.save_safetensors(str(path / "model.safetensors"), weights)
-    break_config(path, lambda c: c["treeflash_config"].update(draft_vocab_size=3))
+    break_config(path, lambda c: c["treeflash_config"].update(sub_vocab_size=3))
 
 
 BROKEN = {
@@ -107,12 +107,12 @@ BROKEN = {
                         "block_size must be at least 2"),
     "bad quantization": (lambda p: break_config(p, lambda c: c.update(quantization={"bits": 4})),
                          "invalid quantization entry"),
-    "vocab out of range": (lambda p: set_draft_vocab(p, mx.array([3, 256, 7], dtype=mx.int32)),
-                           "draft_vocab holds ids outside [0, 256)"),
-    "vocab repeats": (lambda p: set_draft_vocab(p, mx.array([3, 9, 3], dtype=mx.int32)), "draft_vocab repeats"),
-    "vocab not integer": (lambda p: set_draft_vocab(p, mx.array([3.0, 9.0, 4.0])), "integer token ids"),
-    "vocab too large": (lambda p: break_config(p, lambda c: c["treeflash_config"].update(draft_vocab_size=257)),
-                        "draft_vocab_size must be an integer in [1, vocab_size 256]"),
+    "vocab out of range": (lambda p: set_sub_vocab(p, mx.array([3, 256, 7], dtype=mx.int32)),
+                           "sub_vocab holds ids outside [0, 256)"),
+    "vocab repeats": (lambda p: set_sub_vocab(p, mx.array([3, 9, 3], dtype=mx.int32)), "sub_vocab repeats"),
+    "vocab not integer": (lambda p: set_sub_vocab(p, mx.array([3.0, 9.0, 4.0])), "integer token ids"),
+    "vocab too large": (lambda p: break_config(p, lambda c: c["treeflash_config"].update(sub_vocab_size=257)),
+                        "sub_vocab_size must be an integer in [1, vocab_size 256]"),
     "shard outside": (lambda p: (p / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.fc.weight": "../elsewhere.safetensors"}})), "names a file outside"),
 }
@@ -165,14 +165,14 @@ def test_hub_repo_ids_resolve_from_the_local_cache_offline(target, tmp_path, mon
         resolve("./nowhere", ["*.json"], "drafter")
 
 
-def test_a_draft_vocabulary_is_saved_loaded_and_drafts_only_its_tokens(target, tokenizer, tmp_path):
+def test_a_sub_vocabulary_is_saved_loaded_and_drafts_only_its_tokens(target, tokenizer, tmp_path):
     from treeflash_mlx.checkpoints import save_drafter as save_ours
     from treeflash_mlx.drafting import DraftOptions, make_head, transition_tables
 
     ids = [200, 3, 77, 150, 9, 31, 64, 128, 5, 250, 11, 42]
-    original = tiny_drafter(target, draft_vocab=ids)
+    original = tiny_drafter(target, sub_vocab=ids)
     loaded, _ = load_drafter(save_ours(original, tmp_path / "d"))
-    assert loaded.args.draft_vocab_size == 12 and np.array(loaded.draft_vocab).tolist() == ids
+    assert loaded.args.sub_vocab_size == 12 and np.array(loaded.sub_vocab).tolist() == ids
     assert same_weights(original, loaded)
     t = Target(target)
     hidden = mx.array(np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32))
@@ -180,4 +180,4 @@ def test_a_draft_vocabulary_is_saved_loaded_and_drafts_only_its_tokens(target, t
                  DraftOptions("marginal", 32, 4, 4, 1.0)):
         tokens, logp, _ = transition_tables(loaded, t, 9, hidden, opts, make_head(loaded, t))
         assert set(tokens[np.isfinite(logp)].ravel().tolist()) <= set(ids), opts
-    assert "draft_vocab" not in dict(tree_flatten(loaded.trainable_parameters())), "the vocabulary is not trained"
+    assert "sub_vocab" not in dict(tree_flatten(loaded.trainable_parameters())), "the vocabulary is not trained"

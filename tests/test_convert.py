@@ -174,14 +174,14 @@ def test_export_round_trip_is_exact_and_readable_by_pytorch(target, tmp_path):
 
 
 @pytest.mark.parametrize("head", [True, False])
-def test_a_draft_vocabulary_survives_export_and_conversion_back(target, tmp_path, head):
-    drafter = tiny_drafter(target, head=head, block_size=B, draft_vocab=[7, 1, 99, 250])
+def test_a_sub_vocabulary_survives_export_and_conversion_back(target, tmp_path, head):
+    drafter = tiny_drafter(target, head=head, block_size=B, sub_vocab=[7, 1, 99, 250])
     hf_dir = export(save_drafter(drafter, tmp_path / "mine"), tmp_path / "hf")
-    assert json.loads((hf_dir / "config.json").read_text())["treeflash_config"]["draft_vocab_size"] == 4
+    assert json.loads((hf_dir / "config.json").read_text())["treeflash_config"]["sub_vocab_size"] == 4
     back, _ = load_drafter(convert(str(hf_dir), tmp_path / "back"))
     a, b = dict(tree_flatten(drafter.parameters())), dict(tree_flatten(back.parameters()))
     assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
-    assert back.draft_vocab.dtype == mx.int32
+    assert back.sub_vocab.dtype == mx.int32
 
 
 def test_dflash_export_uses_the_unprefixed_layout(target, tmp_path):

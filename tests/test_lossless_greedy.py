@@ -95,12 +95,12 @@ VOCAB_CASES = [("treeflash", 0), ("treeflash", 16), ("marginal", 0), ("chain", 0
 
 
 @pytest.mark.parametrize("mode,vocab", VOCAB_CASES, ids=[f"{m}-vocab{v}" for m, v in VOCAB_CASES])
-def test_a_drafter_with_a_draft_vocabulary_matches_mlx_lm_greedy(family_case, tokenizer, mode, vocab):
+def test_a_drafter_with_a_sub_vocabulary_matches_mlx_lm_greedy(family_case, tokenizer, mode, vocab):
     """Drafting over a sub-vocabulary (a random third of the ids, the true next token often missing) changes
     the trees, never the output."""
     target, prompts, expected = family_case
     ids = np.random.default_rng(4).permutation(target.args.vocab_size)[:96].tolist()
-    drafter = tiny_drafter(target, draft_vocab=ids)
+    drafter = tiny_drafter(target, sub_vocab=ids)
     for prompt, reference in zip(prompts, expected):
         out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode,
                                                 head_vocab=vocab)]

@@ -151,23 +151,23 @@ def test_answers_are_the_targets_greedy_words_and_features_its_layers_outputs(se
     assert len(got[1][0]) - got[1][1] <= 5, "the second answer stops at its stop token"
 
 
-def test_a_draft_vocabulary_is_the_most_frequent_answer_tokens_and_drives_training(setup, tmp_path):
+def test_a_sub_vocabulary_is_the_most_frequent_answer_tokens_and_drives_training(setup, tmp_path):
     _, _, _, root = setup
-    report = run(setup, tmp_path / "d", "--steps", 30, "--draft-vocab-size", 40, "--eval-every", 15)
+    report = run(setup, tmp_path / "d", "--steps", 30, "--sub-vocab-size", 40, "--eval-every", 15)
     drafter, _ = load_drafter(tmp_path / "d")
-    vocab = np.array(drafter.draft_vocab)
+    vocab = np.array(drafter.sub_vocab)
     work = tmp_path / "d.work"
-    from treeflash_mlx.train import Corpus, draft_vocabulary
+    from treeflash_mlx.train import Corpus, sub_vocabulary
 
     answers = Corpus(work / "shards", 10**9).answer_tokens()
     counts = np.bincount(answers, minlength=256)
     assert len(vocab) == 40 and len(set(vocab.tolist())) == 40
     assert counts[vocab].min() >= np.delete(counts, vocab).max(), "a rarer token was kept over a more frequent one"
-    assert (vocab == draft_vocabulary(answers, 40, 256)).all()
+    assert (vocab == sub_vocabulary(answers, 40, 256)).all()
     curve = [json.loads(line) for line in (work / "tau_curve.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [15, 30]
     assert curve[0]["label_tokens"] < curve[1]["label_tokens"] == report["label_tokens"]
-    first = run(setup, tmp_path / "one", "--steps", 1, "--draft-vocab-size", 40)["final_loss"]
+    first = run(setup, tmp_path / "one", "--steps", 1, "--sub-vocab-size", 40)["final_loss"]
     assert report["final_loss"] < 0.8 * first
 
 

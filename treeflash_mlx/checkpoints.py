@@ -113,7 +113,7 @@ def read_shard(file: Path) -> dict[str, mx.array]:
 
 def to_treeflash_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """DFlash checkpoints store the backbone without the ``model.`` prefix: add it."""
-    ours = ("model.", "ar_approximation.", "draft_vocab")
+    ours = ("model.", "ar_approximation.", "sub_vocab")
     return {k if k.startswith(ours) else f"model.{k}": v for k, v in weights.items()}
 
 
@@ -163,25 +163,25 @@ def load_drafter(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> tup
     drafter.load_weights(list(weights.items()))
     mx.eval(drafter.parameters())
     drafter.eval()
-    if "draft_vocab" in drafter:
-        check_draft_vocab(drafter.draft_vocab, config.vocab_size, path)
+    if "sub_vocab" in drafter:
+        check_sub_vocab(drafter.sub_vocab, config.vocab_size, path)
     return drafter, path
 
 
-def check_draft_vocab(ids: mx.array, vocab_size: int, where: Path) -> None:
-    """A draft vocabulary must name distinct target token ids (docs/formats.md)."""
+def check_sub_vocab(ids: mx.array, vocab_size: int, where: Path) -> None:
+    """A sub-vocabulary must name distinct target token ids (docs/formats.md)."""
     if not mx.issubdtype(ids.dtype, mx.integer):
-        raise ValueError(f"drafter checkpoint '{where}': draft_vocab must hold integer token ids, not {ids.dtype}")
+        raise ValueError(f"drafter checkpoint '{where}': sub_vocab must hold integer token ids, not {ids.dtype}")
     values = ids.tolist()
     if min(values) < 0 or max(values) >= vocab_size:
-        raise ValueError(f"drafter checkpoint '{where}': draft_vocab holds ids outside [0, {vocab_size})")
+        raise ValueError(f"drafter checkpoint '{where}': sub_vocab holds ids outside [0, {vocab_size})")
     if len(set(values)) != len(values):
-        raise ValueError(f"drafter checkpoint '{where}': draft_vocab repeats token ids")
+        raise ValueError(f"drafter checkpoint '{where}': sub_vocab repeats token ids")
 
 
 def save_drafter(drafter: Drafter, path: Path, dtype: mx.Dtype | None = None) -> Path:
     """Write a drafter in our MLX format: the published TreeFlash layout in safetensors, plus config.json.
-    ``dtype`` casts the floating weights (the draft vocabulary stays integer)."""
+    ``dtype`` casts the floating weights (the sub-vocabulary stays integer)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(drafter.parameters()))

@@ -48,7 +48,7 @@ class DrafterConfig:
     target_layer_ids: list[int] = field(default_factory=list)
     ar_approximation: str | None = None
     candidate_tokens: int = 16
-    draft_vocab_size: int | None = None  # ours: the drafter scores only these target tokens (docs/formats.md)
+    sub_vocab_size: int | None = None  # ours: the drafter scores only these target tokens (docs/formats.md)
 
     def __post_init__(self):
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -65,11 +65,11 @@ class DrafterConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if not self.target_layer_ids:
             self.target_layer_ids = default_target_layer_ids(self.num_target_layers, self.num_hidden_layers)
-        if self.draft_vocab_size is not None and not (
-            isinstance(self.draft_vocab_size, int) and 1 <= self.draft_vocab_size <= self.vocab_size
+        if self.sub_vocab_size is not None and not (
+            isinstance(self.sub_vocab_size, int) and 1 <= self.sub_vocab_size <= self.vocab_size
         ):
-            raise ValueError(f"draft_vocab_size must be an integer in [1, vocab_size {self.vocab_size}], "
-                             f"got {self.draft_vocab_size!r}")
+            raise ValueError(f"sub_vocab_size must be an integer in [1, vocab_size {self.vocab_size}], "
+                             f"got {self.sub_vocab_size!r}")
         if self.ar_approximation not in (None, "swiglu"):
             raise ValueError(f"ar_approximation must be 'swiglu' or null, got {self.ar_approximation!r}")
 
@@ -115,7 +115,7 @@ class DrafterConfig:
             target_layer_ids=list(layer_ids),
             ar_approximation=treeflash.get("ar_approximation", config.get("ar_approximation")),
             candidate_tokens=treeflash.get("candidate_tokens", config.get("candidate_tokens", 16)),
-            draft_vocab_size=treeflash.get("draft_vocab_size", config.get("draft_vocab_size")),
+            sub_vocab_size=treeflash.get("sub_vocab_size", config.get("sub_vocab_size")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +141,7 @@ class DrafterConfig:
             "treeflash_config": {
                 "ar_approximation": self.ar_approximation,
                 "candidate_tokens": self.candidate_tokens,
-                **({"draft_vocab_size": self.draft_vocab_size} if self.draft_vocab_size else {}),
+                **({"sub_vocab_size": self.sub_vocab_size} if self.sub_vocab_size else {}),
             },
         }
 
@@ -245,11 +245,11 @@ class Drafter(nn.Module):
         self.model = Backbone(args)
         if args.ar_approximation == "swiglu":
             self.ar_approximation = ARApproximation(args.hidden_size, args.intermediate_size)
-        if args.draft_vocab_size:
+        if args.sub_vocab_size:
             # Target ids of the tokens the drafter scores, most frequent first: drafting projects onto these
             # rows of the target's head only. Data, not a parameter: never trained.
-            self.draft_vocab = mx.zeros((args.draft_vocab_size,), dtype=mx.int32)
-            self.freeze(keys=["draft_vocab"], recurse=False)
+            self.sub_vocab = mx.zeros((args.sub_vocab_size,), dtype=mx.int32)
+            self.freeze(keys=["sub_vocab"], recurse=False)
 
     @property
     def has_head(self) -> bool:
@@ -257,8 +257,8 @@ class Drafter(nn.Module):
 
     def unfreeze(self, *args, **kwargs):
         super().unfreeze(*args, **kwargs)
-        if "draft_vocab" in self:
-            self.freeze(keys=["draft_vocab"], recurse=False)
+        if "sub_vocab" in self:
+            self.freeze(keys=["sub_vocab"], recurse=False)
         return self
 
     def make_cache(self) -> list[KVCache]:

@@ -43,10 +43,10 @@ def device_settings() -> dict[str, int]:
 
 @dataclass
 class DraftHead:
-    """The target's output projection as drafting sees it (docs/formats.md, "Draft vocabulary").
+    """The target's output projection as drafting sees it (docs/formats.md, "Sub-vocabulary").
 
-    Without a draft vocabulary the columns are the target's token ids and the target's own lm_head computes
-    them. A drafter with a draft vocabulary (FR-Spec's idea: the most frequent tokens of its training data)
+    Without a sub-vocabulary the columns are the target's token ids and the target's own lm_head computes
+    them. A drafter with a sub-vocabulary (FR-Spec's idea: the most frequent tokens of its training data)
     scores only those tokens: its rows of the target's head are gathered (dequantized if need be) once, so
     each round projects onto V' rows instead of the whole vocabulary. Columns are then draft ids, and
     ``to_target`` maps them back. It shapes the tree only: verification is the target's, so output is the same.
@@ -71,9 +71,9 @@ class DraftHead:
 
 def make_head(drafter: Drafter, target: Target) -> DraftHead:
     """The drafter's view of the target's head; built once per generation (the gather is not free)."""
-    if "draft_vocab" not in drafter:
+    if "sub_vocab" not in drafter:
         return DraftHead(target, target.lm_head_weight())
-    ids = drafter.draft_vocab
+    ids = drafter.sub_vocab
     head = target.model.lm_head if "lm_head" in target.model else target.embed_tokens
     if "scales" in head:
         biases = head["biases"][ids] if "biases" in head else None
@@ -83,7 +83,7 @@ def make_head(drafter: Drafter, target: Target) -> DraftHead:
     else:
         weight = head.weight[ids]
     if "bias" in head:  # a head with a bias: fold it in as an extra input column of ones is not worth it here
-        raise ValueError("drafters with a draft vocabulary need a target head without bias")
+        raise ValueError("drafters with a sub-vocabulary need a target head without bias")
     mx.eval(weight)
     return DraftHead(target, weight, ids)
 

@@ -9,7 +9,7 @@ The recipe and why (docs/training.md has the long form):
 - **Features come free with the answers.** While it generates, the target's layers ``target_layer_ids`` are
   read at every position (prompt and answer) and stored in float16 shards in the work directory: no second
   target pass. Shards are written one batch at a time, so an interrupted run keeps what it generated.
-- **A draft vocabulary** (``--draft-vocab-size``, FR-Spec's idea): the most frequent answer tokens. The drafter
+- **A sub-vocabulary** (``--sub-vocab-size``, FR-Spec's idea): the most frequent answer tokens. The drafter
   scores only those, in training and in drafting, so each row costs V' instead of the whole vocabulary
   (Qwen: 151,936). Labels outside it are left out of the loss (the drafter can never propose them).
 - **Many anchors per sequence.** A step takes ``--batch`` sequences and ``--anchors`` random root positions in
@@ -50,7 +50,7 @@ DEPTH_DECAY = 7.0
 MODES = ("full", "head", "backbone")
 # Settings a work directory is bound to: data and features made with others cannot be reused.
 BINDING = ("model", "drafter", "mode", "target_layer_ids", "block_size", "prompt_tokens", "gen_tokens", "gen_batch",
-           "seed", "data", "draft_vocab_size", "layers", "intermediate_size")
+           "seed", "data", "sub_vocab_size", "layers", "intermediate_size")
 
 
 def _progress(total: int, initial: int, what: str, unit: str):
@@ -240,7 +240,7 @@ class Corpus:
         return tokens, feats, lengths, plens
 
 
-def draft_vocabulary(answer_tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
+def sub_vocabulary(answer_tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
     """The ``size`` most frequent answer tokens, most frequent first (ties: the lower id)."""
     counts = np.bincount(answer_tokens, minlength=vocab_size)
     return np.argsort(-counts, kind="stable")[:size].astype(np.int32)
@@ -291,13 +291,13 @@ def block_hidden(drafter: Drafter, features: mx.array, blocks: mx.array, anchors
 
 def output_rows(drafter: Drafter, target: Target) -> tuple[mx.array, mx.array]:
     """The output rows the drafter is trained against and ``column[token]``: a token's column, or -1 for a
-    token outside the draft vocabulary. Without one, every token is its own column."""
+    token outside the sub-vocabulary. Without one, every token is its own column."""
     weight = target.lm_head_weight()
     if weight is None:
         raise ValueError("training needs a target whose output head is not quantized; convert it to float first")
-    if "draft_vocab" not in drafter:
+    if "sub_vocab" not in drafter:
         return weight, mx.arange(target.vocab_size)
-    ids = drafter.draft_vocab
+    ids = drafter.sub_vocab
     column = mx.full((target.vocab_size,), -1, dtype=mx.int32)
     column[ids] = mx.arange(ids.shape[0], dtype=mx.int32)
     return weight[ids], column
@@ -341,7 +341,7 @@ def losses(drafter, target: Target, rows: mx.array, column: mx.array, seqs, leng
 
 
 def new_drafter(target: Target, args: argparse.Namespace, layer_ids: list[int] | None, mask_token_id: int,
-                draft_vocab: np.ndarray | None) -> Drafter:
+                sub_vocab: np.ndarray | None) -> Drafter:
     t = target.model.args
     config = DrafterConfig(
         hidden_size=t.hidden_size, num_hidden_layers=args.layers, num_attention_heads=t.num_attention_heads,
@@ -351,11 +351,11 @@ def new_drafter(target: Target, args: argparse.Namespace, layer_ids: list[int] |
         block_size=args.block_size, rms_norm_eps=t.rms_norm_eps, rope_theta=getattr(t, "rope_theta", 10000.0),
         max_position_embeddings=getattr(t, "max_position_embeddings", None) or 40960,
         target_layer_ids=layer_ids or [], ar_approximation="swiglu" if args.mode != "backbone" else None,
-        draft_vocab_size=len(draft_vocab) if draft_vocab is not None else None,
+        sub_vocab_size=len(sub_vocab) if sub_vocab is not None else None,
     )
     drafter = zero_head(Drafter(config))
-    if draft_vocab is not None:
-        drafter.draft_vocab = mx.array(draft_vocab, dtype=mx.int32)
+    if sub_vocab is not None:
+        drafter.sub_vocab = mx.array(sub_vocab, dtype=mx.int32)
     return drafter
 
 
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--mask-token-id", type=int, default=None, help="default: the last id of the vocabulary")
-    p.add_argument("--draft-vocab-size", type=int, default=0,
+    p.add_argument("--sub-vocab-size", type=int, default=0,
                    help="score only the N most frequent answer tokens (0: the whole vocabulary)")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -425,7 +425,7 @@ def check_args(args: argparse.Namespace) -> None:
                  "eval_tokens", "block_size", "gen_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_prompts", "eval_every", "draft_vocab_size"):
+    for name in ("eval_prompts", "eval_every", "sub_vocab_size"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if args.intermediate_size is not None and args.intermediate_size < 1:
@@ -455,7 +455,7 @@ def _bound_settings(args: argparse.Namespace, ids: list[int], block_size: int) -
     return {"model": str(args.model), "drafter": str(args.drafter), "mode": args.mode, "target_layer_ids": ids,
             "block_size": block_size, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
             "gen_batch": args.gen_batch,
-            "seed": args.seed, "data": [str(f) for f in args.data], "draft_vocab_size": args.draft_vocab_size,
+            "seed": args.seed, "data": [str(f) for f in args.data], "sub_vocab_size": args.sub_vocab_size,
             "layers": args.layers, "intermediate_size": args.intermediate_size}
 
 
@@ -509,8 +509,8 @@ def train(args: argparse.Namespace) -> dict:
             raise ValueError(f"--mask-token-id {mask} is outside the vocabulary of {target.vocab_size}")
     if args.gen_tokens < B:
         raise ValueError(f"--gen-tokens ({args.gen_tokens}) must be at least the block size ({B})")
-    if args.draft_vocab_size > target.vocab_size:
-        raise ValueError(f"--draft-vocab-size {args.draft_vocab_size} exceeds the vocabulary of {target.vocab_size}")
+    if args.sub_vocab_size > target.vocab_size:
+        raise ValueError(f"--sub-vocab-size {args.sub_vocab_size} exceeds the vocabulary of {target.vocab_size}")
     meta = _bound_settings(args, ids, B)
     check_work_dir(work, meta)
     eval_prompts = read_jsonl_prompts(args.eval_data, tokenizer)[: args.eval_prompts] if args.eval_data else None
@@ -530,13 +530,13 @@ def train(args: argparse.Namespace) -> dict:
 
     if drafter is None:
         vocab = None
-        if args.draft_vocab_size:
-            if not (work / "draft_vocab.npy").exists():  # fixed once training starts
-                _atomic_write(work / "draft_vocab.npy", lambda f: np.save(open(f, "wb"), draft_vocabulary(
-                    corpus.answer_tokens(), args.draft_vocab_size, target.vocab_size)))
-            vocab = np.load(work / "draft_vocab.npy")
+        if args.sub_vocab_size:
+            if not (work / "sub_vocab.npy").exists():  # fixed once training starts
+                _atomic_write(work / "sub_vocab.npy", lambda f: np.save(open(f, "wb"), sub_vocabulary(
+                    corpus.answer_tokens(), args.sub_vocab_size, target.vocab_size)))
+            vocab = np.load(work / "sub_vocab.npy")
             answers = corpus.answer_tokens()
-            print(f"draft vocabulary: {len(vocab)} tokens cover {np.isin(answers, vocab).mean():.2%} of the "
+            print(f"sub-vocabulary: {len(vocab)} tokens cover {np.isin(answers, vocab).mean():.2%} of the "
                   "answer tokens", file=sys.stderr)
         drafter = new_drafter(target, args, ids, mask, vocab)
     report = fit(args, model, tokenizer, target, drafter, corpus, eval_prompts, work)

@@ -23,7 +23,7 @@ with open(sys.argv[2], "w") as f:
 PY
 python -m treeflash_mlx.train --model "$target" --data "$work/prompts.jsonl" --eval-data "$work/eval.jsonl" \
     --out "$work/drafter" --work-dir "$work/run" \
-    --layers 2 --intermediate-size 2432 --block-size 16 --target-layer-ids 1,8,15,22 --draft-vocab-size 16384 \
+    --layers 2 --intermediate-size 2432 --block-size 16 --target-layer-ids 1,8,15,22 --sub-vocab-size 16384 \
     --num-prompts 480 --prompt-tokens 384 --gen-tokens 256 --gen-batch 24 \
     --steps 20000 --batch 4 --anchors 16 --lr 6e-4 --save-every 100 --eval-every 250 --eval-prompts 8 --eval-tokens 96 \
     --save-dtype bfloat16 "$@"
