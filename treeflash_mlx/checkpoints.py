@@ -134,6 +134,21 @@ def check_tensors(weights: dict[str, mx.array], expected: dict[str, tuple[int, .
     for key, value in weights.items():
         if tuple(value.shape) != expected[key]:
             raise ValueError(f"drafter tensor '{key}' has shape {tuple(value.shape)}, config.json implies {expected[key]}")
+    check_values(weights, where)
+
+
+def check_values(weights: dict[str, mx.array], where: Path) -> None:
+    """Refuse weights that would load but compute nonsense: a non-floating tensor (other than the packed
+    weights of a quantized layer, which come with their scales) or any NaN or infinity."""
+    for key, value in weights.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            quantized = key.endswith(".weight") and f"{key.removesuffix('.weight')}.scales" in weights
+            if not (quantized and value.dtype == mx.uint32):
+                raise ValueError(f"drafter tensor '{key}' in '{where}' holds {str(value.dtype).removeprefix('mlx.core.')} values, not floating "
+                                 "point ones; the checkpoint is damaged or mislabelled")
+        elif not mx.all(mx.isfinite(value)).item():
+            raise ValueError(f"drafter tensor '{key}' in '{where}' holds NaN or infinite values; "
+                             "the checkpoint is damaged (or its training diverged)")
 
 
 def check_complete(seen: set[str], expected: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -165,12 +180,19 @@ def load_drafter(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> tup
     return drafter, path
 
 
+def save_weights(file: Path, weights: dict[str, mx.array], metadata: dict[str, str]) -> None:
+    """``mx.save_safetensors`` with its write failures (full disk, quota, read-only) as a one-line OSError."""
+    try:
+        mx.save_safetensors(str(file), weights, metadata=metadata)
+    except RuntimeError as err:
+        raise OSError(f"cannot write '{file}' ({first_line(err)}); is the disk full or not writable?") from err
+
+
 def save_drafter(drafter: Drafter, path: Path) -> Path:
     """Write a drafter in our MLX format: the published TreeFlash layout in safetensors, plus config.json."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(drafter.parameters())),
-                        metadata={"format": "mlx"})
+    save_weights(path / "model.safetensors", dict(tree_flatten(drafter.parameters())), {"format": "mlx"})
     (path / "config.json").write_text(json.dumps(drafter.args.to_dict(), indent=2))
     return path
 
