@@ -49,6 +49,13 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # in the model's dtype, as mlx-lm does
 
 
+def _check_token(token: int, vocab_size: int) -> int:
+    if not 0 <= token < vocab_size:
+        raise ValueError(f"the sampler returned token id {token}, outside the vocabulary [0, {vocab_size}); "
+                         "a sampler must return an index into the logits it is given")
+    return token
+
+
 def accept(tree: DraftTree, samples: np.ndarray) -> tuple[list[int], int]:
     """Walk from the root while some child carries the current node's sample.
 
@@ -76,9 +83,9 @@ def sample_and_accept(logits: mx.array, tree: DraftTree, sampler: Sampler) -> tu
         path, bonus = accept(tree, np.array(greedy(logits)))
         rows = log_softmax(logits[mx.array(path)])
         if np.array_equal(np.array(greedy(rows)), np.append(tree.tokens[path[1:]], bonus)):
-            return path, bonus, rows
+            return path, _check_token(bonus, logits.shape[-1]), rows
     logprobs = log_softmax(logits)
     path, bonus = accept(tree, np.array(sampler(logprobs)))
     rows = logprobs[mx.array(path)]
     mx.async_eval(rows)  # gathered now, so that the nodes × vocabulary log-probabilities can be freed
-    return path, bonus, rows
+    return path, _check_token(bonus, logits.shape[-1]), rows
