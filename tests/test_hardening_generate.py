@@ -23,7 +23,7 @@ from treeflash_mlx import load, stream_generate
 from treeflash_mlx.benchmark import main as benchmark_main
 from treeflash_mlx.generate import build_parser, main, prompt_tokens
 from treeflash_mlx.speculative import ContextLimitWarning
-from treeflash_mlx.validation import check_tree_budget, tree_capacity, verify_bytes
+from treeflash_mlx.validation import check_tree_budget, tables_bytes, tree_capacity, verify_bytes
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,20 @@ def test_the_memory_estimate_refuses_what_does_not_fit():
     check_tree_budget(64, "treeflash", 16, 16, 16, 4000, 150_000, 32, available=64 << 30)
     with pytest.raises(ValueError, match=r"needs about .* GiB .* use a smaller tree_size"):
         check_tree_budget(3000, "treeflash", 16, 16, 16, 4000, 150_000, 32, available=8 << 30)
+    # the head's tables: (B-2)·m rows of hidden states and logits, whatever the tree budget
+    assert tables_bytes(16, 10**9, 150_000, 4096) == tables_bytes(16, 150_000, 150_000, 4096) > 14 * 150_000**2 * 8
+    assert tables_bytes(16, 16, 150_000, 4096, head_vocab=64) < tables_bytes(16, 16, 150_000, 4096) / 50
+    with pytest.raises(ValueError, match=r"tree_size 16 \(top_m 150000\) needs about"):
+        check_tree_budget(16, "treeflash", 16, 10**9, 16, 100, 150_000, 32, available=64 << 30, hidden_size=4096)
+    check_tree_budget(16, "marginal", 16, 10**9, 16, 100, 150_000, 32, available=64 << 30, hidden_size=4096)
     check_tree_budget(10**6, "chain", 16, 16, 16, 4000, 150_000, 32, available=1)  # budget unused: no check
+
+
+def test_a_top_m_beyond_the_vocabulary_is_the_vocabulary(loaded):
+    model, tokenizer, drafter = loaded
+    out = [r.token for r in stream_generate(model, tokenizer, [1, 2], drafter, max_tokens=4, top_m=10**9, top_k=10**9)]
+    assert out == mlx_lm_greedy(model, [1, 2], 4)  # top_m beyond the vocabulary is the vocabulary
+
 
 def test_cli_tree_size_out_of_bounds_is_one_line(pair, capsys):
     code, out, err = run_main(capsys, main, "--model", pair[0], "--drafter", pair[1], "-p", "x", "--tree-size",

@@ -269,7 +269,8 @@ def run(args: argparse.Namespace) -> None:
         for m in (m for m in modes if m in TREE_MODES):
             check_tree_budget(int(args.tree_size), m, drafter.args.block_size, args.draft_top_m, 16,
                               max(len(p) for p in prompts) + args.max_tokens, model.args.vocab_size,
-                              model.args.num_attention_heads)
+                              model.args.num_attention_heads, hidden_size=model.args.hidden_size,
+                              head_vocab=args.draft_vocab)
     sampler = make_sampler(args.temp)
     mx.random.seed(args.seed)
 

@@ -203,7 +203,8 @@ def stream_generate(
             f"{max_tokens} tokens asked after a {len(prompt)}-token prompt", ContextLimitWarning, stacklevel=2)
     if opts.mode not in ("ar", "chain"):
         check_tree_budget(opts.tree_size, opts.mode, drafter.args.block_size, opts.top_m, opts.top_k,
-                          len(prompt) + limit, target.vocab_size, target.model.args.num_attention_heads)
+                          len(prompt) + limit, target.vocab_size, target.model.args.num_attention_heads,
+                          hidden_size=target.hidden_size, head_vocab=opts.head_vocab)
     sampler = sampler or greedy
     use_drafter = opts.mode != "ar"
     capture = drafter.args.target_layer_ids if use_drafter else []

@@ -119,6 +119,14 @@ def tree_capacity(mode: str, block_size: int, top_m: int, top_k: int) -> int:
     return total
 
 
+def tables_bytes(block_size: int, top_m: int, vocab_size: int, hidden_size: int, head_vocab: int = 0) -> int:
+    """A lower estimate of a treeflash round's head tables: the grid of 1 + (B-2)·m hidden rows and, per row,
+    the logits and log-probabilities over the head's vocabulary (the whole one, or the marginal top-K)."""
+    rows = 1 + max(0, block_size - 2) * min(top_m, vocab_size)
+    width = head_vocab if 0 < head_vocab < vocab_size else vocab_size
+    return rows * (hidden_size + 2 * width) * 4
+
+
 def check_tree_budget(
     tree_size: int,
     mode: str,
@@ -129,10 +137,14 @@ def check_tree_budget(
     vocab_size: int,
     n_heads: int,
     available: int | None = None,
+    hidden_size: int = 0,
+    head_vocab: int = 0,
 ) -> None:
-    """Refuse a tree budget the tables can never fill, or whose verification cannot fit in memory."""
+    """Refuse a tree budget the tables can never fill, or a round (tables and verification) that cannot fit in
+    memory. top_m and top_k beyond the vocabulary are used as the vocabulary, as drafting does."""
     if mode in ("ar", "chain"):
         return  # the budget is not used
+    top_m, top_k = min(top_m, vocab_size), min(top_k, vocab_size)
     capacity = tree_capacity(mode, block_size, top_m, top_k)
     if tree_size > capacity:
         raise ValueError(
@@ -141,11 +153,13 @@ def check_tree_budget(
         )
     available = memory_bytes() if available is None else available
     need = verify_bytes(tree_size, context, vocab_size, n_heads)
+    if mode == "treeflash":
+        need += tables_bytes(block_size, top_m, vocab_size, hidden_size, head_vocab)
     if need > MEMORY_SHARE * available:
         raise ValueError(
-            f"tree_size {tree_size} needs about {need / 2**30:.1f} GiB to verify one round over {context} tokens "
-            f"of context and a vocabulary of {vocab_size}, more than {MEMORY_SHARE:.0%} of this machine's "
-            f"{available / 2**30:.1f} GiB; use a smaller tree_size"
+            f"tree_size {tree_size} (top_m {top_m}) needs about {need / 2**30:.1f} GiB for one round over {context} "
+            f"tokens of context and a vocabulary of {vocab_size}, more than {MEMORY_SHARE:.0%} of this machine's "
+            f"{available / 2**30:.1f} GiB; use a smaller tree_size or top_m"
         )
 
 
