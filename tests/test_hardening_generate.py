@@ -12,14 +12,16 @@ import sys
 import time
 import warnings
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from cli_helpers import ENV, one_error_line, run_main
+from cli_helpers import ENV, ROOT, one_error_line, run_main
 from conftest import mlx_lm_greedy, save_drafter, save_target, tiny_drafter, tiny_target
 
 from treeflash_mlx import load, stream_generate
+from treeflash_mlx._cli import is_command_line
 from treeflash_mlx.benchmark import main as benchmark_main
 from treeflash_mlx.generate import build_parser, main, prompt_tokens
 from treeflash_mlx.speculative import ContextLimitWarning
@@ -151,13 +153,40 @@ def test_a_closed_output_pipe_ends_quietly(pair):
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, env=ENV, timeout=120)
     assert proc.stderr.decode() == "" and proc.returncode == 141
 
+def mlx_loaded(pid: int) -> bool:
+    try:
+        return "libmlx" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see when MLX is being loaded")
 def test_ctrl_c_while_importing_is_one_line(pair):
-    proc = subprocess.Popen([sys.executable, "-m", "treeflash_mlx.generate", "--model", str(pair[0]), "-p", "x"],
+    proc = subprocess.Popen([sys.executable, "-m", "treeflash_mlx.generate", "--model", str(pair[0]), "-p", "x",
+                             "--max-tokens", "4000", "--ignore-chat-template"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    time.sleep(0.3)  # interpreter up, package imports under way (MLX and mlx-lm take seconds to import)
-    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while not mlx_loaded(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)  # MLX's library is mapped: the package's imports are under way
     _, err = proc.communicate(timeout=120)
     assert err.decode().strip() == "error: interrupted" and proc.returncode in (130, -signal.SIGINT)
+
+
+@pytest.mark.parametrize("argv0,orig,expected", [
+    ("-m", ["python", "-m", "treeflash_mlx.generate", "-p", "x"], True),
+    ("-m", ["python", "-m", "treeflash_mlx", "-p", "x"], True),
+    ("/venv/bin/treeflash-convert", None, True),
+    (str(ROOT / "convert" / "convert.py"), None, True),
+    ("-m", ["python", "-m", "pytest"], False),
+    ("my_app.py", None, False),
+    ("", None, False),
+])
+def test_only_the_packages_command_lines_replace_pythons_interrupt_report(monkeypatch, argv0, orig, expected):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    monkeypatch.setattr(sys, "orig_argv", orig or ["python", argv0])
+    assert is_command_line() is expected
+
 
 def test_a_generation_cut_short_by_the_context_says_so(loaded, pair, capsys):
     model, tokenizer, drafter = loaded

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 INTERRUPTED, BROKEN_PIPE = 130, 141
@@ -32,13 +33,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
+CLONE_SCRIPT = Path(__file__).resolve().parents[1] / "convert" / "convert.py"
+
+
 def is_command_line() -> bool:
-    """Whether this process runs one of the package's command lines (``python -m treeflash_mlx...`` or an
-    installed ``treeflash-*`` script), judged from how Python was started."""
+    """Whether this process runs one of the package's command lines (``python -m treeflash_mlx...``, an
+    installed ``treeflash-*`` script or a clone's ``convert/convert.py``), judged from how Python was started."""
     argv0 = sys.argv[0] if sys.argv else ""
-    return argv0 == "-m" and any(a.startswith("treeflash_mlx") for a in getattr(sys, "orig_argv", [])) or (
-        os.path.basename(argv0).startswith("treeflash-")
-    )
+    if argv0 == "-m":
+        return any(a.startswith("treeflash_mlx") for a in getattr(sys, "orig_argv", []))
+    return os.path.basename(argv0).startswith("treeflash-") or (bool(argv0) and Path(argv0).resolve() == CLONE_SCRIPT)
 
 
 def install_import_guard() -> None:
