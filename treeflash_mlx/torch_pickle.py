@@ -67,16 +67,16 @@ def _rebuild_tensor(storage, offset, size, stride, *_, budget: _Budget | None = 
         raise UnsafeCheckpointError("a tensor's storage is not a storage")
     try:
         offset, size, stride = int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    except (TypeError, ValueError):
-        raise UnsafeCheckpointError("a tensor's layout is not made of integers") from None
+    except (TypeError, ValueError) as err:
+        raise UnsafeCheckpointError("a tensor's layout is not made of integers") from err
     if offset < 0 or len(size) != len(stride) or any(s < 0 for s in size + stride):
         raise UnsafeCheckpointError(f"tensor layout offset={offset} size={size} stride={stride} is invalid")
+    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= len(storage):
+        raise UnsafeCheckpointError(f"tensor of size {size} reaches past the end of its storage")
     elements = int(np.prod(size, dtype=object))  # exact: no overflow for absurd sizes
     if elements > len(storage):
         raise UnsafeCheckpointError(
             f"tensor of size {size} has {elements} elements but its storage holds only {len(storage)}")
-    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= len(storage):
-        raise UnsafeCheckpointError(f"tensor of size {size} reaches past the end of its storage")
     itemsize = storage.dtype.itemsize
     if budget is not None:
         budget.take((id(storage), offset, size, stride), elements * itemsize)
