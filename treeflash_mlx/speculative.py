@@ -17,7 +17,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
 from .drafting import MODES, DraftOptions, device_settings, finish_draft, start_draft, untimed
-from .sampling import LogitsProcessor, Sampler, greedy, node_logits, sample_and_accept
+from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits, sample_and_accept
 from .target import Target, compact
 from .tree import root_only
 from .validation import check_tree_budget, finite, integer, stop_strings as _stop_strings, token_ids
@@ -173,6 +173,8 @@ def stream_generate(
     ``tree_size``, ``top_m`` and ``head_vocab`` left at None take ``drafting.device_settings()``.
     ``stats`` collects a per-stage profile (at the cost of a sync per stage).
     ``stop_strings``: one string or several; the text ends before the first one found.
+    A seed (``mx.random.seed``) pins the sampled output whatever the mode and tree settings: every committed
+    position draws its randomness from its own key, taken in position order (``sampling.PositionKeys``).
     """
     given = {"tree_size": tree_size, "top_m": top_m, "head_vocab": head_vocab}
     settings = device_settings() | {k: v for k, v in given.items() if v is not None}
@@ -219,7 +221,8 @@ def stream_generate(
             drafter.append_context(feats[None], d_cache)
         mx.eval(logits, [c.state for c in t_cache + (d_cache or [])])
     first = root_only(prompt[-1])
-    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, logits_processors), first, sampler)
+    keys = PositionKeys()  # one sampling seed per generated position: a seed pins the output, whatever the tree
+    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, logits_processors), first, sampler, keys)
     prompt_tps = len(prompt) / (time.perf_counter() - tic)
 
     stream = _TextStream(tokenizer, stop_strings)
@@ -262,7 +265,8 @@ def stream_generate(
         start = t_cache[0].offset  # the root's position: the cache holds everything before it
         tree = finish_draft(root, pending, opts, timer) if use_drafter else root_only(root)
         logits, feats = target.verify(tree, t_cache, capture)
-        path, root, logprobs = sample_and_accept(node_logits(logits, tree, history, logits_processors), tree, sampler)
+        path, root, logprobs = sample_and_accept(
+            node_logits(logits, tree, history, logits_processors), tree, sampler, keys)
         timer("verify")
         compact(t_cache, start, path)
         if use_drafter:
