@@ -87,7 +87,10 @@ class DrafterConfig:
         if not isinstance(self.target_layer_ids, (list, tuple)):
             raise ValueError(f"target_layer_ids must be a list of layer indices, got {self.target_layer_ids!r}")
         for i in self.target_layer_ids:
-            integer("each of target_layer_ids", i, low=0, high=self.num_target_layers - 1)
+            integer("each of target_layer_ids", i)
+        bad_ids = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
+        if bad_ids:  # worded as checkpoints.validate words it against a target
+            raise ValueError(f"target_layer_ids {bad_ids} out of range for {self.num_target_layers} layers")
         if not self.target_layer_ids:
             self.target_layer_ids = default_target_layer_ids(self.num_target_layers, self.num_hidden_layers)
         if self.ar_approximation not in (None, "swiglu"):
