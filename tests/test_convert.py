@@ -244,8 +244,14 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out")]) == 1
     assert "already exists; pass --force" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--force"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    # --force replaces a previous conversion only, never a directory of other files
+    assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--force"]) == 1
+    assert "not a previous conversion" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
+    for _ in range(2):  # into the emptied directory, then over that conversion
+        assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--force"]) == 0
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])

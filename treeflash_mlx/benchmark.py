@@ -28,6 +28,7 @@ from mlx_lm.sample_utils import make_sampler
 from ._cli import run_cli
 from .drafting import PUBLISHED_SETTINGS, device_settings
 from .speculative import RoundStats, load, stream_generate
+from .validation import check_tree_budget, finite, integer
 from .target import Target
 from .tree import DraftTree, chain
 
@@ -266,8 +267,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--max-tokens and --num-prompts must be at least 1")
     if args.profile_prompts < 0:
         raise ValueError(f"--profile-prompts must be >= 0, got {args.profile_prompts}")
-    if args.temp < 0:
-        raise ValueError(f"--temp must be >= 0, got {args.temp}")
+    finite("--temp", args.temp, low=0)
+    integer("--seed", args.seed, low=0, high=2**64 - 1)
+    integer("--num-draft-tokens", args.num_draft_tokens, low=1)
     settings = device_settings()  # what generate would use here, for every option not given
     args.tree_size = args.tree_size or str(settings["tree_size"])
     args.draft_top_m = settings["top_m"] if args.draft_top_m is None else args.draft_top_m
@@ -289,6 +291,12 @@ def run(args: argparse.Namespace) -> None:
     if any(base_mode(m) == "treeflash" for m in modes) and drafter is not None and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head")
     prompts = read_prompts(args.prompts, args.prompts_file, tokenizer, args.num_prompts)
+    if args.tree_size != "auto":  # refused before the verification costs build trees of that size
+        for m in (m for m in modes if m in TREE_MODES):
+            check_tree_budget(int(args.tree_size), m, drafter.args.block_size, args.draft_top_m, 16,
+                              max(len(p) for p in prompts) + args.max_tokens, model.args.vocab_size,
+                              model.args.num_attention_heads, hidden_size=model.args.hidden_size,
+                              head_vocab=args.draft_vocab)
     sampler = make_sampler(args.temp)
     mx.random.seed(args.seed)
 

@@ -135,6 +135,24 @@ def check_tensors(weights: dict[str, mx.array], expected: dict[str, tuple[int, .
     for key, value in weights.items():
         if tuple(value.shape) != expected[key]:
             raise ValueError(f"drafter tensor '{key}' has shape {tuple(value.shape)}, config.json implies {expected[key]}")
+    check_values(weights, where)
+
+
+def check_values(weights: dict[str, mx.array], where: Path) -> None:
+    """Refuse weights that would load but compute nonsense: a non-floating tensor (other than the packed
+    weights of a quantized layer, which come with their scales) or any NaN or infinity. A sub-vocabulary
+    holds token ids, not weights: ``check_sub_vocab`` checks it."""
+    for key, value in weights.items():
+        if key == "sub_vocab":
+            continue
+        if not mx.issubdtype(value.dtype, mx.floating):
+            quantized = key.endswith(".weight") and f"{key.removesuffix('.weight')}.scales" in weights
+            if not (quantized and value.dtype == mx.uint32):
+                raise ValueError(f"drafter tensor '{key}' in '{where}' holds {str(value.dtype).removeprefix('mlx.core.')} values, not floating "
+                                 "point ones; the checkpoint is damaged or mislabelled")
+        elif not mx.all(mx.isfinite(value)).item():
+            raise ValueError(f"drafter tensor '{key}' in '{where}' holds NaN or infinite values; "
+                             "the checkpoint is damaged (or its training diverged)")
 
 
 def check_complete(seen: set[str], expected: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -179,6 +197,14 @@ def check_sub_vocab(ids: mx.array, vocab_size: int, where: Path) -> None:
         raise ValueError(f"drafter checkpoint '{where}': sub_vocab repeats token ids")
 
 
+def save_weights(file: Path, weights: dict[str, mx.array], metadata: dict[str, str]) -> None:
+    """``mx.save_safetensors`` with its write failures (full disk, quota, read-only) as a one-line OSError."""
+    try:
+        mx.save_safetensors(str(file), weights, metadata=metadata)
+    except RuntimeError as err:
+        raise OSError(f"cannot write '{file}' ({first_line(err)}); is the disk full or not writable?") from err
+
+
 def save_drafter(drafter: Drafter, path: Path, dtype: mx.Dtype | None = None) -> Path:
     """Write a drafter in our MLX format: the published TreeFlash layout in safetensors, plus config.json.
     ``dtype`` casts the floating weights (the sub-vocabulary stays integer)."""
@@ -187,7 +213,7 @@ def save_drafter(drafter: Drafter, path: Path, dtype: mx.Dtype | None = None) ->
     weights = dict(tree_flatten(drafter.parameters()))
     if dtype is not None:
         weights = cast_floating(weights, dtype)
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    save_weights(path / "model.safetensors", weights, {"format": "mlx"})
     (path / "config.json").write_text(json.dumps(drafter.args.to_dict(), indent=2))
     return path
 

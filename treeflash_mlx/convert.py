@@ -15,7 +15,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,6 +33,7 @@ from .checkpoints import (
     read_config,
     read_shard,
     resolve_drafter,
+    save_weights,
     to_treeflash_layout,
     validate,
     weight_files,
@@ -62,30 +65,114 @@ def quantize_shard(weights: dict[str, mx.array], bits: int, group_size: int) -> 
     return out
 
 
-class _Staging:
-    """Write into a hidden sibling of ``dst``; move it into place on success, delete it on any failure."""
+OUTPUT_FILES = {"config.json", "README.md", "model.safetensors.index.json"}  # plus model*.safetensors
+STAGING_MARK = ".treeflash-staging"  # inside every staging directory: only those are ever cleaned up
 
-    def __init__(self, dst: Path, force: bool):
-        if dst.exists() and not force:
-            raise FileExistsError(f"output directory '{dst}' already exists; pass --force to replace it")
-        self.dst, self.tmp = dst, dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+
+def _is_previous_output(path: Path) -> bool:
+    """A directory that holds what convert or export writes, and nothing else."""
+    names = {p.name for p in path.iterdir()}
+    weights = {n for n in names if n.startswith("model") and n.endswith(".safetensors")}
+    return "config.json" in names and bool(weights) and names <= OUTPUT_FILES | weights
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid we can judge: leave it alone
+    return True
+
+
+def remove_stale_staging(dst: Path) -> list[Path]:
+    """Delete staging directories of ``dst`` that a killed conversion left (``.NAME.tmp-PID`` holding our
+    mark, whose process is gone); returns them."""
+    removed = []
+    prefix = f".{dst.name}.tmp-"
+    if not dst.parent.is_dir():
+        return removed
+    for entry in dst.parent.iterdir():
+        pid = entry.name[len(prefix):]
+        if not (entry.name.startswith(prefix) and pid.isdigit() and entry.is_dir() and not entry.is_symlink()):
+            continue
+        if (entry / STAGING_MARK).is_file() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+class _Staging:
+    """Write into a hidden sibling of ``dst``; move it into place on success, delete it on any failure
+    (SIGTERM included; what a SIGKILL leaves is removed by the next run for the same destination).
+
+    ``dst`` must not be, or contain, the working directory or the source; an existing ``dst`` is replaced
+    only with ``force`` and only when it holds a previous conversion (never an arbitrary directory)."""
+
+    def __init__(self, dst: Path, force: bool, sources: tuple[Path, ...] = ()):
+        self.dst = Path(os.path.abspath(dst))  # absolute, symlinks kept: a link is replaced, not its target
+        real = self.dst.resolve()
+        for what, path in (("the working directory", Path.cwd()), *(("the source", p) for p in sources)):
+            if _inside(path.resolve(), real):
+                raise ValueError(f"output directory '{dst}' is or contains {what} ('{path}'); "
+                                 "choose a new directory for the output")
+        if self.dst.exists() or self.dst.is_symlink():
+            if not force:
+                raise FileExistsError(f"output directory '{dst}' already exists; pass --force to replace it")
+            if self.dst.is_symlink() or not self.dst.is_dir():
+                raise ValueError(f"output path '{dst}' exists and is not a directory; remove it or choose another")
+            if any(self.dst.iterdir()) and not _is_previous_output(self.dst):
+                raise ValueError(f"output directory '{dst}' holds files that are not a previous conversion; "
+                                 "--force replaces only a converted drafter: choose a new directory")
+        self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{os.getpid()}"
+        self._previous_term = None
+
+    def _on_term(self, signum, frame):
+        raise SystemExit(128 + signum)  # unwinds through __exit__, which removes the staging directory
 
     def __enter__(self) -> Path:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(self.dst)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
+        (self.tmp / STAGING_MARK).touch()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_term = signal.signal(signal.SIGTERM, self._on_term)
         return self.tmp
 
     def __exit__(self, kind, *_):
-        if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if kind is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            # The previous output is moved aside, not deleted, until the new one is in place.
+            aside = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
+            moved = False
+            try:
+                (self.tmp / STAGING_MARK).unlink()
+                if self.dst.exists() or self.dst.is_symlink():
+                    self.dst.rename(aside)
+                    moved = True
+                self.tmp.rename(self.dst)
+            except BaseException:
+                if moved and not self.dst.exists():
+                    aside.rename(self.dst)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            if moved:
+                if aside.is_dir() and not aside.is_symlink():
+                    shutil.rmtree(aside, ignore_errors=True)
+                else:
+                    aside.unlink()
             return False
-        if self.dst.is_dir() and not self.dst.is_symlink():
-            shutil.rmtree(self.dst)
-        elif self.dst.exists() or self.dst.is_symlink():
-            self.dst.unlink()
-        self.tmp.rename(self.dst)
-        return False
+        finally:
+            if self._previous_term is not None:
+                signal.signal(signal.SIGTERM, self._previous_term)
 
 
 def _progress(items: list, what: str):
@@ -120,8 +207,8 @@ def convert(
     if quantize and q_group_size not in (32, 64, 128):
         raise ValueError(f"--q-group-size must be 32, 64 or 128, got {q_group_size}")
     dst = Path(mlx_path)
-    staging = _Staging(dst, force)
     src = resolve_drafter(hf_path)
+    staging = _Staging(dst, force, sources=(src,))
     config, raw = read_config(src)
     architectures = raw.get("architectures") or []
     if architectures and not KNOWN_ARCHITECTURES & set(architectures):
@@ -142,7 +229,7 @@ def convert(
             if quantize:
                 weights = quantize_shard(weights, q_bits, q_group_size)
             name = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            mx.save_safetensors(str(out / name), weights, metadata={"format": "mlx"})
+            save_weights(out / name, weights, {"format": "mlx"})
             index.update({k: name for k in weights})
             del weights
         check_complete(seen, expected, src)
@@ -166,8 +253,9 @@ def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, 
     from mlx_lm.utils import dequantize_model
 
     dst = Path(hf_path)
-    staging = _Staging(dst, force)
-    drafter, src = load_drafter(mlx_path)
+    src = resolve_drafter(str(mlx_path))
+    staging = _Staging(dst, force, sources=(src,))
+    drafter, src = load_drafter(src)
     drafter = dequantize_model(drafter)
     weights = dict(tree_flatten(drafter.parameters()))
     if dtype is not None:
@@ -175,7 +263,7 @@ def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, 
     if not drafter.has_head:  # the published DFlash layout has no "model." prefix
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     with staging as out:
-        mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+        save_weights(out / "model.safetensors", weights, {"format": "pt"})
         (out / "config.json").write_text(json.dumps(drafter.args.to_dict(), indent=2))
         (out / "README.md").write_text(_model_card(str(src), ["exported to the published PyTorch layout",
                                                               f"dtype: {dtype or 'as stored'}"]))

@@ -19,6 +19,12 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
+from .validation import MAX_BLOCK_SIZE, MAX_LAYERS, finite, integer
+
+
+def _first_given(*values):
+    return next(v for v in values if v is not None)
+
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
     """The published default: the middle layer for one draft layer, else spread over [1, n_target - 3]."""
@@ -51,18 +57,41 @@ class DrafterConfig:
     sub_vocab_size: int | None = None  # ours: the drafter scores only these target tokens (docs/formats.md)
 
     def __post_init__(self):
+        """Every field's type and range, so that a hand-edited or hostile config.json fails here in one line
+        rather than deep in MLX (or silently, e.g. ``"false"`` read as true)."""
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "intermediate_size", "vocab_size", "num_target_layers", "block_size"):
+                     "intermediate_size", "vocab_size", "num_target_layers", "block_size", "max_position_embeddings",
+                     "candidate_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        integer("mask_token_id", self.mask_token_id, low=0)
         if self.block_size < 2:
             raise ValueError(f"block_size must be at least 2 (the root and one draft token), got {self.block_size}")
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size {self.block_size} is far beyond any published drafter's (16); "
+                             f"at most {MAX_BLOCK_SIZE} is accepted")
+        for name in ("num_hidden_layers", "num_target_layers"):
+            integer(name, getattr(self, name), low=1, high=MAX_LAYERS)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        integer("head_dim", self.head_dim, low=1)
+        finite("rms_norm_eps", self.rms_norm_eps, low=0, low_open=True)
+        finite("rope_theta", self.rope_theta, low=0, low_open=True)
+        if not isinstance(self.attention_bias, bool):
+            raise ValueError(f"attention_bias must be true or false, got {self.attention_bias!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
+        if not isinstance(self.target_layer_ids, (list, tuple)):
+            raise ValueError(f"target_layer_ids must be a list of layer indices, got {self.target_layer_ids!r}")
+        for i in self.target_layer_ids:
+            integer("each of target_layer_ids", i)
+        bad_ids = [i for i in self.target_layer_ids if not 0 <= i < self.num_target_layers]
+        if bad_ids:  # worded as checkpoints.validate words it against a target
+            raise ValueError(f"target_layer_ids {bad_ids} out of range for {self.num_target_layers} layers")
         if not self.target_layer_ids:
             self.target_layer_ids = default_target_layer_ids(self.num_target_layers, self.num_hidden_layers)
         if self.sub_vocab_size is not None and not (
@@ -91,6 +120,8 @@ class DrafterConfig:
         if mask_token_id is None:
             raise KeyError("dflash_config.mask_token_id")
         layer_ids = dflash.get("target_layer_ids", config.get("target_layer_ids")) or []
+        if not isinstance(layer_ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layer_ids):
+            raise ValueError(f"target_layer_ids must be a list of integers, got {layer_ids!r}")
         num_target_layers = config.get("num_target_layers")
         if num_target_layers is None:
             if not layer_ids:
@@ -104,14 +135,14 @@ class DrafterConfig:
             intermediate_size=config["intermediate_size"],
             vocab_size=config["vocab_size"],
             num_target_layers=num_target_layers,
-            mask_token_id=int(mask_token_id),
+            mask_token_id=mask_token_id,
             head_dim=config.get("head_dim"),
             block_size=config.get("block_size", 16),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 1_000_000.0,
+            rope_theta=_first_given(config.get("rope_theta"), rope.get("rope_theta"), 1_000_000.0),
             rope_scaling=rope_scaling,
             max_position_embeddings=config.get("max_position_embeddings", 40960),
-            attention_bias=bool(config.get("attention_bias", False)),
+            attention_bias=config.get("attention_bias", False),
             target_layer_ids=list(layer_ids),
             ar_approximation=treeflash.get("ar_approximation", config.get("ar_approximation")),
             candidate_tokens=treeflash.get("candidate_tokens", config.get("candidate_tokens", 16)),

@@ -13,6 +13,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from ._cli import run_cli
 from .drafting import MODES
 from .speculative import default_mode, load, stream_generate, summary
+from .validation import finite, integer, utf8_text
 
 DEMO = Path(__file__).parent / "demo"
 
@@ -53,23 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_SEED = 2**64 - 1  # MLX seeds are unsigned 64-bit
+
+
 def check_args(args: argparse.Namespace) -> None:
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.temp < 0:
-        raise ValueError(f"--temp must be >= 0, got {args.temp}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 <= args.min_p <= 1:
-        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    """Every numeric option: integers in range, floats finite (argparse's float() accepts 'nan' and 'inf')."""
+    integer("--max-tokens", args.max_tokens, low=1)
+    finite("--temp", args.temp, low=0)
+    finite("--top-p", args.top_p, low=0, high=1, low_open=True)
+    integer("--top-k", args.top_k, low=0)
+    finite("--min-p", args.min_p, low=0, high=1)
+    if args.repetition_penalty is not None:
+        finite("--repetition-penalty", args.repetition_penalty, low=0, low_open=True)
+    integer("--repetition-context-size", args.repetition_context_size, low=1)
+    if args.seed is not None:
+        integer("--seed", args.seed, low=0, high=MAX_SEED)
+    finite("--draft-temp", args.draft_temp, low=0, low_open=True)
 
 
 def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        text = utf8_text(sys.stdin.buffer.read(), "the prompt read from stdin")
+    else:
+        text = utf8_text(args.prompt, "the --prompt text")
+    if args.system_prompt is not None:
+        utf8_text(args.system_prompt, "the --system-prompt text")
     if not text:
         raise ValueError("the prompt is empty; pass text with --prompt (or pipe it with --prompt -)")
     if args.ignore_chat_template or tokenizer.chat_template is None:

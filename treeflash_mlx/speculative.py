@@ -6,6 +6,7 @@ The API mirrors mlx-lm: ``load``, ``stream_generate`` yielding ``GenerationRespo
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Generator, Sequence
 
@@ -16,9 +17,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
 from .drafting import MODES, DraftOptions, device_settings, finish_draft, make_head, start_draft, untimed
-from .sampling import LogitsProcessor, Sampler, greedy, node_logits, sample_and_accept
+from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits, sample_and_accept
 from .target import Target, compact
 from .tree import root_only
+from .validation import check_tree_budget, finite, integer, stop_strings as _stop_strings, token_ids
 
 PREFILL_STEP = 2048
 
@@ -78,20 +80,16 @@ def _check_options(opts: DraftOptions, drafter: Drafter | None, max_tokens: int)
     if opts.mode == "treeflash" and drafter is not None and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head; use 'marginal' or 'chain'")
     for name in ("tree_size", "top_m", "top_k"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(opts, name)}")
-    if opts.head_vocab < 0:
-        raise ValueError(f"head_vocab must be >= 0 (0: the whole vocabulary), got {opts.head_vocab}")
-    if not opts.temperature > 0:
-        raise ValueError(f"drafter temperature must be > 0, got {opts.temperature}")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        integer(name, getattr(opts, name), low=1)
+    if isinstance(opts.head_vocab, bool) or not isinstance(opts.head_vocab, int) or opts.head_vocab < 0:
+        raise ValueError(f"head_vocab must be an integer >= 0 (0: the whole vocabulary), got {opts.head_vocab!r}")
+    finite("drafter temperature", opts.temperature, low=0, low_open=True)
+    integer("max_tokens", max_tokens, low=1)
     return opts
 
 
-def _check_stop_strings(stop_strings: Sequence[str]) -> None:
-    if any(not isinstance(s, str) or not s for s in stop_strings):
-        raise ValueError("stop strings must be non-empty text")
+class ContextLimitWarning(UserWarning):
+    """The model's context leaves room for fewer tokens than ``max_tokens`` asked for."""
 
 
 def default_mode(drafter: Drafter | None) -> str:
@@ -165,7 +163,7 @@ def stream_generate(
     top_k: int = 16,
     drafter_temp: float = 1.0,
     head_vocab: int | None = None,
-    stop_strings: Sequence[str] = (),
+    stop_strings: str | Sequence[str] = (),
     stats: RoundStats | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` exactly as the target alone would (in distribution; greedy: token for token).
@@ -174,26 +172,41 @@ def stream_generate(
     processors see, for each tree node, the committed tokens and that node's own path as history.
     ``tree_size``, ``top_m`` and ``head_vocab`` left at None take ``drafting.device_settings()``.
     ``stats`` collects a per-stage profile (at the cost of a sync per stage).
+    ``stop_strings``: one string or several; the text ends before the first one found.
+    A seed (``mx.random.seed``) pins the sampled output whatever the mode and tree settings: every committed
+    position draws its randomness from its own key, taken in position order (``sampling.PositionKeys``).
     """
     given = {"tree_size": tree_size, "top_m": top_m, "head_vocab": head_vocab}
     settings = device_settings() | {k: v for k, v in given.items() if v is not None}
     opts = _check_options(
         DraftOptions(mode or default_mode(drafter), top_k=top_k, temperature=drafter_temp, **settings), drafter, max_tokens
     )
-    _check_stop_strings(stop_strings)
+    stop_strings = _stop_strings(stop_strings)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt)
-    prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
+    if isinstance(prompt, mx.array):
+        if not mx.issubdtype(prompt.dtype, mx.integer):
+            raise ValueError(f"the prompt must be token ids (integers), got an array of {prompt.dtype}")
+        prompt = prompt.tolist()
+    target = Target(model)
+    prompt = token_ids(prompt, target.vocab_size)
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
-    target = Target(model)
     if target.max_context is not None and len(prompt) >= target.max_context:
         raise ValueError(
             f"the prompt has {len(prompt)} tokens but the model's context is {target.max_context}; shorten it"
         )
     limit = max_tokens if target.max_context is None else min(max_tokens, target.max_context - len(prompt))
+    if limit < max_tokens:
+        warnings.warn(
+            f"the model's context of {target.max_context} tokens leaves room for only {limit} of the "
+            f"{max_tokens} tokens asked after a {len(prompt)}-token prompt", ContextLimitWarning, stacklevel=2)
+    if opts.mode not in ("ar", "chain"):
+        check_tree_budget(opts.tree_size, opts.mode, drafter.args.block_size, opts.top_m, opts.top_k,
+                          len(prompt) + limit, target.vocab_size, target.model.args.num_attention_heads,
+                          hidden_size=target.hidden_size, head_vocab=opts.head_vocab)
     sampler = sampler or greedy
     use_drafter = opts.mode != "ar"
     capture = drafter.args.target_layer_ids if use_drafter else []
@@ -209,7 +222,8 @@ def stream_generate(
             drafter.append_context(feats[None], d_cache)
         mx.eval(logits, [c.state for c in t_cache + (d_cache or [])])
     first = root_only(prompt[-1])
-    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, logits_processors), first, sampler)
+    keys = PositionKeys()  # one sampling seed per generated position: a seed pins the output, whatever the tree
+    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, logits_processors), first, sampler, keys)
     prompt_tps = len(prompt) / (time.perf_counter() - tic)
 
     stream = _TextStream(tokenizer, stop_strings)
@@ -252,7 +266,8 @@ def stream_generate(
         start = t_cache[0].offset  # the root's position: the cache holds everything before it
         tree = finish_draft(root, pending, opts, timer) if use_drafter else root_only(root)
         logits, feats = target.verify(tree, t_cache, capture)
-        path, root, logprobs = sample_and_accept(node_logits(logits, tree, history, logits_processors), tree, sampler)
+        path, root, logprobs = sample_and_accept(
+            node_logits(logits, tree, history, logits_processors), tree, sampler, keys)
         timer("verify")
         compact(t_cache, start, path)
         if use_drafter:

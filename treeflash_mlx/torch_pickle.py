@@ -7,6 +7,7 @@ only the few names a state dict needs and refuses everything else with a clear e
 
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -41,20 +42,44 @@ class _BF16(np.ndarray):
     """A uint16 array that holds bfloat16 bits."""
 
 
-MAX_ELEMENTS = 1 << 34  # far above any drafter tensor; refuses "huge size, stride 0" bombs
+class _Budget:
+    """The bytes a file may still turn into tensors: never more than it stores on disk. A tensor is a view of
+    its storage, so an honest checkpoint's tensors (identical views, e.g. tied weights, counted once) fit in
+    the file; a small file declaring huge or overlapping views (stride 0, ...) is refused before copying."""
+
+    def __init__(self, total: int):
+        self.left = total
+        self.seen: set = set()
+
+    def take(self, key, nbytes: int) -> None:
+        if key in self.seen:
+            return
+        if nbytes > self.left:
+            raise UnsafeCheckpointError(
+                f"its tensors would need more bytes than the file stores ({nbytes} more, {self.left} left): "
+                "tensors that repeat or overlap their storage are refused")
+        self.left -= nbytes
+        self.seen.add(key)
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_):
+def _rebuild_tensor(storage, offset, size, stride, *_, budget: _Budget | None = None):
     if not isinstance(storage, np.ndarray):
         raise UnsafeCheckpointError("a tensor's storage is not a storage")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    try:
+        offset, size, stride = int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    except (TypeError, ValueError) as err:
+        raise UnsafeCheckpointError("a tensor's layout is not made of integers") from err
     if offset < 0 or len(size) != len(stride) or any(s < 0 for s in size + stride):
         raise UnsafeCheckpointError(f"tensor layout offset={offset} size={size} stride={stride} is invalid")
-    if int(np.prod(size, dtype=np.int64)) > MAX_ELEMENTS:
-        raise UnsafeCheckpointError(f"tensor of size {size} is implausibly large")
     if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= len(storage):
         raise UnsafeCheckpointError(f"tensor of size {size} reaches past the end of its storage")
+    elements = int(np.prod(size, dtype=object))  # exact: no overflow for absurd sizes
+    if elements > len(storage):
+        raise UnsafeCheckpointError(
+            f"tensor of size {size} has {elements} elements but its storage holds only {len(storage)}")
     itemsize = storage.dtype.itemsize
+    if budget is not None:
+        budget.take((id(storage), offset, size, stride), elements * itemsize)
     out = np.lib.stride_tricks.as_strided(
         storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
     ).copy()
@@ -73,23 +98,44 @@ ALLOWED = {
 }
 
 
+def read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A member's bytes, refused before inflating when it declares more than ``limit`` (the file's own size:
+    PyTorch stores members uncompressed, so only a crafted archive inflates beyond it). zipfile reads no
+    more than the declared size and checks the CRC, so the declaration bounds the memory."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise ValueError(f"the archive has no member '{name}'") from None
+    if info.file_size > limit:
+        raise UnsafeCheckpointError(
+            f"member '{name}' inflates to {info.file_size} bytes, more than the {limit} bytes of the whole file")
+    return archive.read(info)
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, limit: int):
         super().__init__(file)
-        self.archive, self.prefix = archive, prefix
+        self.archive, self.prefix, self.limit = archive, prefix, limit
+        self.storages: dict[str, np.ndarray] = {}
+        self.budget = _Budget(limit)
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED:
             raise UnsafeCheckpointError(f"refusing to load '{module}.{name}': not part of a plain PyTorch state dict")
-        return ALLOWED[(module, name)]
+        found = ALLOWED[(module, name)]
+        if found is _rebuild_tensor:
+            return lambda *args: _rebuild_tensor(*args, budget=self.budget)
+        return found
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
             raise UnsafeCheckpointError(f"unexpected persistent id {pid!r}")
-        kind, key = str(pid[1]), pid[2]
-        raw = self.archive.read(f"{self.prefix}data/{key}")
-        array = np.frombuffer(raw, dtype=STORAGE_DTYPES[kind])
-        return array.view(_BF16) if kind == "BFloat16Storage" else array
+        kind, key = str(pid[1]), str(pid[2])
+        if key not in self.storages:  # storages shared by several tensors are read once
+            raw = read_member(self.archive, f"{self.prefix}data/{key}", self.limit)
+            array = np.frombuffer(raw, dtype=STORAGE_DTYPES[kind])
+            self.storages[key] = array.view(_BF16) if kind == "BFloat16Storage" else array
+        return self.storages[key]
 
 
 def load_bin(path: Path) -> dict[str, mx.array]:
@@ -108,13 +154,13 @@ def _load_zip(path: Path) -> dict[str, mx.array]:
         if len(pkl) != 1:
             raise ValueError(f"'{path}' has no data.pkl: not a PyTorch checkpoint")
         prefix = pkl[0][: -len("data.pkl")]
-        with archive.open(pkl[0]) as file:
-            try:
-                state = _Unpickler(file, archive, prefix).load()
-            except UnsafeCheckpointError as err:
-                raise UnsafeCheckpointError(f"'{path}': {err}") from None
-            except Exception as err:  # any damage to the file: one clear line, never a traceback
-                raise ValueError(f"'{path}' cannot be read ({type(err).__name__}: {err})") from None
+        limit = path.stat().st_size
+        try:
+            state = _Unpickler(io.BytesIO(read_member(archive, pkl[0], limit)), archive, prefix, limit).load()
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"'{path}': {err}") from err
+        except Exception as err:  # any damage to the file: one clear line, never a traceback
+            raise ValueError(f"'{path}' cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' does not hold a state dict")
     out = {}

@@ -41,7 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ._cli import run_cli
-from .checkpoints import load_drafter, save_drafter, validate
+from .checkpoints import load_drafter, save_drafter, save_weights, validate
 from .drafter import Drafter, DrafterConfig
 from .speculative import load, stream_generate
 from .target import Target
@@ -580,7 +580,7 @@ def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus
     def save_state():  # state.json last: it names a step only once that step's files are complete
         for name, tree in (("drafter", drafter.parameters()), ("optimizer", optimizer.state)):
             _atomic_write(work / f"{name}.safetensors",
-                          lambda f, t=tree: mx.save_safetensors(str(f), dict(tree_flatten(t))))
+                          lambda f, t=tree: save_weights(f, dict(tree_flatten(t)), {}))
         _atomic_write(work / "state.json", lambda f: f.write_text(json.dumps({"step": step, "label_tokens": seen})))
 
     def record_tau():
