@@ -215,3 +215,39 @@ def test_an_existing_out_is_replaced_only_when_asked(setup, tmp_path):
         train(build_parser().parse_args(argv[:-4] + ["--out", str(tmp_path / "f"), "--steps", "1"]))
     with pytest.raises(ValueError, match="--eval-tokens must be at least 1"):
         train(build_parser().parse_args(argv + ["--force", "--eval-tokens", "0"]))
+
+
+def test_bad_data_leaves_nothing_that_blocks_the_corrected_rerun(setup, tmp_path):
+    target_dir, data, _, _ = setup
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "def f(x):"}\nnot json\n')
+    argv = ["--model", str(target_dir), "--data", str(bad), "--out", str(tmp_path / "d"), "--steps", "2",
+            "--block-size", "6", "--gen-tokens", "12", "--eval-prompts", "1", "--eval-tokens", "8"]
+    with pytest.raises(ValueError, match="prompts.jsonl:2 is not a JSON object"):
+        train(build_parser().parse_args(argv))
+    assert not (tmp_path / "d.work").exists() and not (tmp_path / "d").exists()
+    bad.write_text('{"prompt": "def f(x):"}\n{"prompt": "class A:"}\n')
+    assert train(build_parser().parse_args(argv))["steps"] == 2
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_files(setup, tmp_path):
+    """A real write failure: the file size limit makes every write past 64 KiB fail as a full disk would."""
+    import subprocess
+    import sys
+
+    from cli_helpers import ENV
+
+    target_dir, data, prompts, _ = setup
+    argv = ["--model", str(target_dir), "--data", str(data), str(prompts), "--out", str(tmp_path / "d"),
+            "--block-size", "6", "--num-prompts", "12", "--prompt-tokens", "12", "--gen-tokens", "24",
+            "--steps", "2", "--eval-prompts", "0"]
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
+            "from treeflash_mlx.train import main\n"
+            f"sys.exit(main({argv!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    last = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert proc.returncode == 1 and last.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith(("tmp-", "."))]
+    assert leftovers == [] and not (tmp_path / "d").exists()

@@ -169,18 +169,17 @@ def generate_shards(model, prompts: list[list[int]], args, layer_ids: list[int],
     have = sum((shard_dir / f"{i:05d}.npz").exists() for i in range(len(batches)))
     if have == len(batches):
         return
-    bar = _progress(len(prompts), 0, "answering prompts", "prompt")
     tokens_made, tic = 0, time.perf_counter()
-    for i, batch in enumerate(batches):
-        if (shard_dir / f"{i:05d}.npz").exists():
+    with _progress(len(prompts), 0, "answering prompts", "prompt") as bar:
+        for i, batch in enumerate(batches):
+            if (shard_dir / f"{i:05d}.npz").exists():
+                bar.update(len(batch))
+                continue
+            answers = answer_with_features(model, batch, args.gen_tokens, layer_ids, stop_ids)
+            write_shard(shard_dir / f"{i:05d}", answers)
+            tokens_made += sum(len(t) - n for t, n, _ in answers)
+            bar.set_postfix(answer_tok_s=f"{tokens_made / (time.perf_counter() - tic):.0f}")
             bar.update(len(batch))
-            continue
-        answers = answer_with_features(model, batch, args.gen_tokens, layer_ids, stop_ids)
-        write_shard(shard_dir / f"{i:05d}", answers)
-        tokens_made += sum(len(t) - n for t, n, _ in answers)
-        bar.set_postfix(answer_tok_s=f"{tokens_made / (time.perf_counter() - tic):.0f}")
-        bar.update(len(batch))
-    bar.close()
 
 
 def length_batches(prompts: list[list[int]], size: int, pool: int = 16) -> list[list[list[int]]]:
@@ -591,29 +590,29 @@ def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus
             f.write(json.dumps({"step": step, "label_tokens": seen, "tau": taus}) + "\n")
         return taus
 
-    bar = _progress(args.steps, step, "training", "step")
     history, taus = [], {}
-    while step < args.steps:
-        step_rng = np.random.default_rng([args.seed, step])  # a resumed run sees the same batches
-        picks = np.sort(step_rng.choice(len(corpus), size=min(args.batch, len(corpus)), replace=False))
-        tokens, feats, lengths, plens = corpus.batch(picks, pad_to)
-        # Anchors (root positions) anywhere in the answer, the last prompt token included.
-        anchors = step_rng.integers(plens - 1, np.maximum(lengths - 1, plens), size=(args.anchors, len(picks))).T
-        batch = (mx.array(tokens), mx.array(lengths), mx.array(feats), mx.array(anchors))
-        (loss, block, head), grads = loss_and_grad(drafter, *batch)
-        optimizer.update(drafter, grads)
-        mx.eval(loss, block, head, drafter.parameters(), optimizer.state)
-        step += 1
-        seen += int((anchors[:, :, None] + np.arange(1, B) < lengths[:, None, None]).sum())
-        history.append((loss.item(), block.item(), head.item()))
-        bar.set_postfix(loss=f"{np.mean([h[0] for h in history[-20:]]):.3f}", label_tokens=seen)
-        bar.update(1)
-        if step % args.save_every == 0 or step == args.steps:
-            save_state()
-        if eval_prompts and args.eval_every and step % args.eval_every == 0:
-            taus = record_tau()
-            bar.write(f"step {step}: {seen} label tokens, held-out τ {json.dumps(taus)}")
-    bar.close()
+    with _progress(args.steps, step, "training", "step") as bar:  # closed on any exit
+        while step < args.steps:
+            step_rng = np.random.default_rng([args.seed, step])  # a resumed run sees the same batches
+            picks = np.sort(step_rng.choice(len(corpus), size=min(args.batch, len(corpus)), replace=False))
+            tokens, feats, lengths, plens = corpus.batch(picks, pad_to)
+            # Anchors (root positions) anywhere in the answer, the last prompt token included.
+            anchors = step_rng.integers(plens - 1, np.maximum(lengths - 1, plens), size=(args.anchors, len(picks)))
+            anchors = anchors.T
+            batch = (mx.array(tokens), mx.array(lengths), mx.array(feats), mx.array(anchors))
+            (loss, block, head), grads = loss_and_grad(drafter, *batch)
+            optimizer.update(drafter, grads)
+            mx.eval(loss, block, head, drafter.parameters(), optimizer.state)
+            step += 1
+            seen += int((anchors[:, :, None] + np.arange(1, B) < lengths[:, None, None]).sum())
+            history.append((loss.item(), block.item(), head.item()))
+            bar.set_postfix(loss=f"{np.mean([h[0] for h in history[-20:]]):.3f}", label_tokens=seen)
+            bar.update(1)
+            if step % args.save_every == 0 or step == args.steps:
+                save_state()
+            if eval_prompts and args.eval_every and step % args.eval_every == 0:
+                taus = record_tau()
+                bar.write(f"step {step}: {seen} label tokens, held-out τ {json.dumps(taus)}")
     drafter.unfreeze()
     drafter.eval()
     if eval_prompts and (not args.eval_every or step % args.eval_every):
