@@ -1,4 +1,4 @@
-"""Make MLX's Linux CPU backend use a fast BLAS (SPEC §8).
+"""Make MLX's Linux CPU backend use a fast BLAS (docs/algorithm.md, "Linux CPU").
 
 The Linux `mlx[cpu]` wheel links the reference BLAS (~3 GFLOP/s): a 16-token tree verification then costs
 as much as 16 single steps and speculative decoding can only lose. Loading OpenBLAS with RTLD_GLOBAL

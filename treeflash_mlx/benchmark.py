@@ -27,7 +27,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
 from .drafting import device_settings
-from .speculative import RoundStats, load, stream_generate
+from .loading import load
+from .speculative import RoundStats, stream_generate
 from .target import Target
 from .tree import DraftTree, chain
 
@@ -63,8 +64,8 @@ def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[li
                 prompts.append(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True))
             else:
                 prompts.append(tokenizer.encode(item["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{file}:{n} is not a JSON object with a 'prompt' or 'messages' field") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{file}:{n} is not a JSON object with a 'prompt' or 'messages' field") from err
     if not prompts:
         raise ValueError(f"prompt file {file} holds no prompts")
     return prompts[:count]
@@ -104,9 +105,9 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, tree_size, 
     """One generation; with ``profile``, every stage ends in a sync (see ``RoundStats``), so such runs give
     the time split and the accepted paths, and the runs without it give the speed."""
     stats = RoundStats() if profile else None
-    responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=args.max_tokens, sampler=sampler,
-                                     mode=mode, tree_size=tree_size, top_m=args.draft_top_m,
-                                     head_vocab=args.draft_vocab, stats=stats))
+    responses = list(stream_generate(model, tokenizer, prompt, args.max_tokens, drafter=drafter, sampler=sampler,
+                                     mode=mode, tree_size=tree_size, draft_top_m=args.draft_top_m,
+                                     draft_vocab=args.draft_vocab, stats=stats))
     tokens = [r.token for r in responses]
     if responses[-1].finish_reason == "stop" and tokens[-1] in tokenizer.eos_token_ids:
         tokens = tokens[:-1]  # mlx-lm does not emit the end-of-sequence token

@@ -1,4 +1,4 @@
-"""One drafting step: drafter pass → transition tables (SPEC §3) → draft tree (SPEC §4).
+"""One drafting step: drafter pass → transition tables → draft tree (docs/algorithm.md, "AR head", "Tree").
 
 All model work of a round's drafting is one MLX graph: ``start_draft`` builds it and starts its evaluation
 before the caller emits the previous round's tokens (MLX lets only the tail of a long graph run on while
@@ -15,7 +15,7 @@ import numpy as np
 from .drafter import Drafter
 from .sampling import log_softmax
 from .target import Target
-from .tree import DraftTree, best_first, chain
+from .tree import DraftTree, best_first, chain, root_only
 
 MODES = ("treeflash", "marginal", "chain", "ar")
 
@@ -167,3 +167,90 @@ def finish_draft(root: int, arrays: tuple, opts: DraftOptions, timer=untimed) ->
     timer("tree")
     return tree
 
+
+
+def default_mode(drafter: Drafter | None) -> str:
+    if drafter is None:
+        return "ar"
+    return "treeflash" if drafter.has_head else "marginal"
+
+
+class Drafting:
+    """How a round's draft is made, behind one interface, so the round loop has no mode branches.
+
+    ``start(root, cache)`` builds (and starts evaluating) the model work of a draft rooted at the last committed
+    token; ``finish(root, pending)`` turns it into the tree to verify. ``capture`` names the target layers whose
+    outputs the drafter reads, and ``append_context`` hands it the features of newly committed positions.
+    This base class is plain decoding (mode ``ar``): no drafter, the root alone, so a round's verification is
+    one ordinary decoding step. Tests subclass it to inject oracle drafters."""
+
+    mode = "ar"
+    capture: list[int] = []
+
+    def make_cache(self) -> list:
+        return []
+
+    def append_context(self, features: mx.array, cache: list) -> None:
+        """``features`` (n, F): the captured target features of n newly committed positions."""
+
+    def start(self, root: int, cache: list, timer=untimed):
+        return None
+
+    def finish(self, root: int, pending, timer=untimed) -> DraftTree:
+        return root_only(root)
+
+
+class DrafterDrafting(Drafting):
+    """Drafting with a block drafter: chain (DFlash), marginal tree (DDTree) or TreeFlash tree."""
+
+    def __init__(self, drafter: Drafter, target: Target, opts: DraftOptions):
+        self.drafter, self.target, self.opts = drafter, target, opts
+        self.mode = opts.mode
+        self.capture = list(drafter.args.target_layer_ids)
+
+    def make_cache(self) -> list:
+        return self.drafter.make_cache()
+
+    def append_context(self, features: mx.array, cache: list) -> None:
+        self.drafter.append_context(features[None], cache)
+
+    def start(self, root: int, cache: list, timer=untimed):
+        return start_draft(self.drafter, self.target, root, cache, self.opts, timer)
+
+    def finish(self, root: int, pending, timer=untimed) -> DraftTree:
+        return finish_draft(root, pending, self.opts, timer)
+
+
+def make_drafting(
+    drafter: Drafter | None,
+    target: Target,
+    mode: str | None = None,
+    tree_size: int | None = None,
+    draft_top_m: int | None = None,
+    draft_top_k: int | None = None,
+    draft_temp: float | None = None,
+    draft_vocab: int | None = None,
+) -> Drafting:
+    """The drafting of ``mode`` (default: ``default_mode(drafter)``) with its settings checked. Settings left at
+    None take ``device_settings()`` (tree size, top-m, head vocabulary) or the published values."""
+    mode = mode or default_mode(drafter)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab}
+    settings = device_settings() | {k: v for k, v in given.items() if v is not None}
+    opts = DraftOptions(mode, top_k=16 if draft_top_k is None else draft_top_k,
+                        temperature=1.0 if draft_temp is None else draft_temp, **settings)
+    for name, value in (("tree_size", opts.tree_size), ("draft_top_m", opts.top_m), ("draft_top_k", opts.top_k)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value!r}")
+    if not isinstance(opts.head_vocab, int) or opts.head_vocab < 0:
+        raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {opts.head_vocab!r}")
+    if not opts.temperature > 0:
+        raise ValueError(f"draft_temp must be > 0, got {opts.temperature!r}")
+    if mode == "ar":
+        return Drafting()
+    if drafter is None:
+        raise ValueError(f"mode '{mode}' needs a drafter; pass one or use mode 'ar'")
+    if mode == "treeflash" and not drafter.has_head:
+        raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head; use 'marginal' or 'chain'")
+    return DrafterDrafting(drafter, target, opts)

@@ -99,7 +99,7 @@ def load_bin(path: Path) -> dict[str, mx.array]:
     try:
         return _load_zip(path)
     except zipfile.BadZipFile as err:
-        raise ValueError(f"'{path}' is a damaged zip archive ({err})") from None
+        raise ValueError(f"'{path}' is a damaged zip archive ({err})") from err
 
 
 def _load_zip(path: Path) -> dict[str, mx.array]:
@@ -112,9 +112,9 @@ def _load_zip(path: Path) -> dict[str, mx.array]:
             try:
                 state = _Unpickler(file, archive, prefix).load()
             except UnsafeCheckpointError as err:
-                raise UnsafeCheckpointError(f"'{path}': {err}") from None
+                raise UnsafeCheckpointError(f"'{path}': {err}") from err
             except Exception as err:  # any damage to the file: one clear line, never a traceback
-                raise ValueError(f"'{path}' cannot be read ({type(err).__name__}: {err})") from None
+                raise ValueError(f"'{path}' cannot be read ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' does not hold a state dict")
     out = {}

@@ -42,7 +42,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ._cli import run_cli
 from .checkpoints import load_drafter, save_drafter, validate
 from .drafter import Drafter, DrafterConfig
-from .speculative import load, stream_generate
+from .loading import load
+from .speculative import stream_generate
 from .target import Target
 
 DEPTH_DECAY = 7.0
@@ -64,8 +65,8 @@ def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, r
                 if line.strip():
                     try:
                         jsonl.append(tokenizer.encode(json.loads(line)["prompt"]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{f}:{n} is not a JSON object with a 'prompt' string") from None
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise ValueError(f"{f}:{n} is not a JSON object with a 'prompt' string") from err
         else:
             texts.append(tokenizer.encode(f.read_text(errors="replace")))
     texts = [t for t in texts if len(t) > prompt_tokens]
@@ -223,7 +224,7 @@ def evaluate(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: in
         taus = []
         for p in prompts:
             rounds = {r.round: r.acceptance_length for r in
-                      stream_generate(model, tokenizer, p, drafter, max_tokens=max_tokens, mode=mode)}
+                      stream_generate(model, tokenizer, p, max_tokens, drafter=drafter, mode=mode)}
             taus += [v for k, v in rounds.items() if k > 0]
         out[mode] = float(np.mean(taus)) if taus else float("nan")
     return out
