@@ -11,6 +11,7 @@ then the drafter's, plus metadata naming how many are the target's and the cache
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Sequence
 
 import mlx.nn as nn
@@ -85,10 +86,10 @@ def save_prompt_cache(file_name: str, cache: PromptCache, metadata: dict[str, st
 
 def load_prompt_cache(file_name: str, return_metadata: bool = False):
     """Read a cache written by ``save_prompt_cache``; with ``return_metadata`` also the caller's metadata."""
+    if not Path(file_name).is_file():
+        raise FileNotFoundError(f"no prompt cache file '{file_name}'")
     try:
         layers, info = mlx_cache.load_prompt_cache(str(file_name), return_metadata=True)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"no prompt cache file '{file_name}'") from err
     except Exception as err:
         raise ValueError(f"'{file_name}' is not a readable prompt cache file ({err})") from err
     if info.get("treeflash_format") != FORMAT:
