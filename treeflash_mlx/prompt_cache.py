@@ -16,6 +16,7 @@ from typing import Sequence
 
 import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache
 
 from .drafter import Drafter
 from .drafting import Drafting
@@ -43,6 +44,23 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.target + (self.drafter or []))
+
+    def prefix_copy(self, n: int) -> "PromptCache":
+        """A new cache holding the first ``n`` tokens of this one (which stays as it is)."""
+        n = min(n, len(self.tokens), self.target[0].offset)
+
+        def cut(layers: list, length: int) -> list:
+            out = []
+            for c in layers:
+                copy = KVCache()
+                if length > 0:
+                    keys, values = c.keys_and_values()
+                    copy.update_and_fetch(keys[..., :length, :], values[..., :length, :])
+                out.append(copy)
+            return out
+
+        drafter = cut(self.drafter, min(n, self.drafter_length)) if self.drafter else None
+        return PromptCache(cut(self.target, n), drafter, self.tokens[:n])
 
     def fit(self, prompt: Sequence[int], drafting: Drafting, n_layers: int) -> int:
         """Trim the cache to the longest prefix of ``prompt`` it can serve; returns that prefix's length.
