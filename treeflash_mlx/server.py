@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
-    log.info("serving %s (%s drafting) at http://%s:%d/v1", engine.model_id, engine.mode, host, port)
+    print(f"serving {engine.model_id} ({engine.mode} drafting) at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
