@@ -125,3 +125,33 @@ def test_cache_bytes_grow_with_the_conversation(pair, tokenizer):
     run(target, tokenizer, random_prompts(1, seed=14)[0], drafter, cache)
     mx.eval([c.state for c in cache.target])
     assert cache.nbytes > 0
+
+
+def test_the_servers_lru_hands_out_the_right_cache_and_stays_within_its_bounds(pair, tokenizer):
+    from treeflash_mlx.server import CacheLRU
+
+    target, drafter = pair
+    conversations = []
+    for prompt in random_prompts(3, seed=15):
+        cache = make_prompt_cache(target, drafter)
+        out, _ = run(target, tokenizer, prompt + list(range(20, 30)), drafter, cache)
+        conversations.append((cache, prompt + list(range(20, 30)) + out))
+    lru = CacheLRU(max_entries=2, max_bytes=None)
+    for cache, _ in conversations:
+        lru.put(cache)
+    assert lru.entries == [conversations[1][0], conversations[2][0]], "the least recently used went first"
+    follow_up = conversations[2][1] + [7, 7]
+    assert lru.take(follow_up, make=lambda: None) is conversations[2][0]  # it extends that one: handed out whole
+    assert lru.entries == [conversations[1][0]]
+    branch = conversations[1][1][:12] + [99, 98]  # shares a prefix only: a copy, the original stays
+    copy = lru.take(branch, make=lambda: None)
+    assert copy is not conversations[1][0] and copy.tokens == conversations[1][1][:12]
+    assert lru.entries == [conversations[1][0]] and len(conversations[1][0].tokens) > 12
+    want, _ = run(target, tokenizer, branch, drafter)
+    got, last = run(target, tokenizer, branch, drafter, copy)
+    assert got == want and last.cached_tokens == 12
+    assert lru.take([255, 254, 253], make=lambda: "new") == "new"
+    small = CacheLRU(max_entries=10, max_bytes=conversations[0][0].nbytes + 1)
+    small.put(conversations[0][0])
+    small.put(conversations[2][0])
+    assert small.entries == [conversations[2][0]] and small.nbytes() <= small.max_bytes
