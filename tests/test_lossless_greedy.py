@@ -38,7 +38,7 @@ def test_random_drafter_matches_mlx_lm_greedy(family_case, tokenizer, head, mode
     target, prompts, expected = family_case
     drafter = tiny_drafter(target, head=head)
     for prompt, reference in zip(prompts, expected):
-        out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter=drafter, max_tokens=N_TOKENS, mode=mode,
+        out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode,
                                                 draft_vocab=vocab)]
         assert out == reference
 
@@ -80,7 +80,7 @@ def test_mostly_right_drafter_exercises_long_paths_and_compaction(tokenizer):
     for prompt in random_prompts(N_PROMPTS, seed=11):
         reference = mlx_lm_greedy(target, prompt, N_TOKENS)
         oracle = Oracle(target, drafter, prompt + reference, rng)
-        responses = list(stream_generate(target, tokenizer, prompt, drafter=oracle, max_tokens=N_TOKENS))
+        responses = list(stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=oracle))
         assert [r.token for r in responses] == reference
         taus += [r.acceptance_length for r in responses if r.round > 0 and not r.from_draft]
     assert np.mean(taus) > 3.5, "the oracle should make long acceptances"
@@ -92,7 +92,7 @@ def test_bonus_and_draft_flags_and_rounds(tokenizer):
     prompt = random_prompts(1, seed=2)[0]
     reference = mlx_lm_greedy(target, prompt, 32)
     oracle = Oracle(target, tiny_drafter(target), prompt + reference, np.random.default_rng(1))
-    responses = list(stream_generate(target, tokenizer, prompt, drafter=oracle, max_tokens=32))
+    responses = list(stream_generate(target, tokenizer, prompt, 32, drafter=oracle))
     assert responses[0].round == 0 and not responses[0].from_draft
     for r in range(1, responses[-1].round):
         tokens = [x for x in responses if x.round == r]
@@ -108,7 +108,7 @@ def test_every_token_carries_the_targets_log_probabilities(tokenizer, sampler):
     target = tiny_target("qwen3", seed=6)
     prompt = random_prompts(1, seed=9)[0]
     want = [(int(t), np.array(lp)) for t, lp in generate_step(mx.array(prompt), target, max_tokens=24)]
-    got = list(stream_generate(target, tokenizer, prompt, drafter=tiny_drafter(target), max_tokens=24, sampler=sampler))
+    got = list(stream_generate(target, tokenizer, prompt, 24, drafter=tiny_drafter(target), sampler=sampler))
     assert [r.token for r in got] == [t for t, _ in want]
     for response, (_, logprobs) in zip(got, want):
         np.testing.assert_allclose(np.array(response.logprobs), logprobs, rtol=1e-4, atol=1e-4)
@@ -121,7 +121,7 @@ def test_drafting_settings_default_to_the_devices_and_given_ones_win(tokenizer):
     assert device_settings() == CPU_SETTINGS, "the tests run on the CPU backend"
     for given, budget in ((None, CPU_SETTINGS["tree_size"]), (40, 40)):
         stats = RoundStats()
-        list(stream_generate(target, tokenizer, prompt, drafter=drafter, max_tokens=16, tree_size=given, stats=stats))
+        list(stream_generate(target, tokenizer, prompt, 16, drafter=drafter, tree_size=given, stats=stats))
         assert {nodes for nodes, _ in stats.rounds} == {budget}
 
 
@@ -131,7 +131,7 @@ def test_the_smallest_blocks_stay_lossless(tokenizer, block_size):
     drafter = tiny_drafter(target, block_size=block_size)
     for mode in ("treeflash", "marginal", "chain"):
         for prompt in random_prompts(3, seed=5):
-            out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter=drafter, max_tokens=20, mode=mode)]
+            out = [r.token for r in stream_generate(target, tokenizer, prompt, 20, drafter=drafter, mode=mode)]
             assert out == mlx_lm_greedy(target, prompt, 20), mode
 
 
@@ -141,7 +141,7 @@ def test_held_responses_keep_only_the_committed_rows(tokenizer):
     prompt = random_prompts(1, seed=3)[0]
     gc.collect()
     before = mx.get_active_memory()
-    responses = list(stream_generate(target, tokenizer, prompt, drafter=tiny_drafter(target), max_tokens=48, tree_size=64))
+    responses = list(stream_generate(target, tokenizer, prompt, 48, drafter=tiny_drafter(target), tree_size=64))
     gc.collect()
     committed_rows = len(responses) * target.args.vocab_size * 4  # float32 bytes of one row per token
     assert mx.get_active_memory() - before < 2 * committed_rows
@@ -173,5 +173,5 @@ def test_a_draft_is_started_only_for_a_round_that_runs(tokenizer, max_tokens):
     drafting = make_drafting(tiny_drafter(target), Target(target))
     counting = Counting(drafting.drafter, drafting.target, drafting.opts)
     prompt = random_prompts(1, seed=4)[0]
-    responses = list(stream_generate(target, tokenizer, prompt, drafter=counting, max_tokens=max_tokens))
+    responses = list(stream_generate(target, tokenizer, prompt, max_tokens, drafter=counting))
     assert len(started) == responses[-1].round

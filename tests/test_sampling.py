@@ -47,7 +47,7 @@ def sample_counts(target, drafter, tokenizer, temp, top_p, n, seed):
     sampler = make_sampler(temp, top_p)
     counts = np.zeros((VOCAB,) * 3)
     for _ in range(n):
-        out = [r.token for r in stream_generate(target, tokenizer, PROMPT, drafter=drafter, max_tokens=3, sampler=sampler, **OPTS)]
+        out = [r.token for r in stream_generate(target, tokenizer, PROMPT, 3, drafter=drafter, sampler=sampler, **OPTS)]
         counts[tuple(out)] += 1
     return counts
 
@@ -99,7 +99,7 @@ def test_seed_makes_sampling_repeatable(pair, tokenizer):
     for seed in (3, 3, 4):
         mx.random.seed(seed)
         runs.append([r.token for r in stream_generate(
-            target, tokenizer, PROMPT, drafter=drafter, max_tokens=40, sampler=make_sampler(1.0), **OPTS)])
+            target, tokenizer, PROMPT, 40, drafter=drafter, sampler=make_sampler(1.0), **OPTS)])
     assert runs[0] == runs[1] != runs[2]
 
 
@@ -113,6 +113,6 @@ def test_repetition_penalty_uses_each_nodes_own_path(tokenizer):
                                                       logits_processors=processors)]
         assert reference != mlx_lm_greedy(target, prompt, 48), "the penalty should change the output"
         oracle = Oracle(target, drafter, prompt + reference, rng)
-        out = list(stream_generate(target, tokenizer, prompt, drafter=oracle, max_tokens=48, logits_processors=processors))
+        out = list(stream_generate(target, tokenizer, prompt, 48, drafter=oracle, logits_processors=processors))
         assert [r.token for r in out] == reference
         assert max(r.acceptance_length for r in out) > 3

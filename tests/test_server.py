@@ -206,6 +206,8 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(server):
     ({"messages": [{"content": "hi"}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "x " * 3000}]}, 400, "messages"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": 1}}, 400, "include_usage"),
 ])
 def test_bad_requests_get_openai_shaped_errors(server, body, status, param):
     with pytest.raises(openai.APIStatusError) as info:
@@ -269,8 +271,9 @@ def test_chat_template_gets_tools_and_template_kwargs():
     tokenizer = Tokenizer()
     engine = SimpleNamespace(tokenizer=tokenizer, args=SimpleNamespace(chat_template_args={"a": 1}))
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]}],
-            "tools": tools, "chat_template_kwargs": {"enable_thinking": False}}
+    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]
+    body = {"messages": [{"role": "user", "content": parts}], "tools": tools,
+            "chat_template_kwargs": {"enable_thinking": False}}
     assert chat_prompt(engine, body) == [1, 2, 3]
     messages, seen_tools, kw = tokenizer.seen
     assert messages[0]["content"] == "hi you" and seen_tools == tools and kw == {"a": 1, "enable_thinking": False}

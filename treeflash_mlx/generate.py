@@ -10,7 +10,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ._cli import run_cli
 from .drafting import MODES, default_mode
-from .loading import DEMO, demo_paths, load
+from .loading import DEMO, demo_paths, load  # noqa: F401  (DEMO: where the tests and scripts look)
 from .speculative import stream_generate, summary
 
 

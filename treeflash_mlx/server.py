@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -112,7 +112,7 @@ class CacheLRU:
 class Job:
     """One generation: what the worker needs, the queue it answers on, and a flag the handler sets to stop it."""
 
-    prompt: list[int]
+    build_prompt: Callable[[], list[int]]  # tokenizes on the worker thread, the only one using the tokenizer
     max_tokens: int
     sampling: dict
     processors: dict
@@ -167,12 +167,18 @@ class Engine:
                 job.out.put(("done", None))
 
     def _generate(self, job: Job) -> None:
-        cache = self.caches.take(job.prompt, lambda: make_prompt_cache(self.model, self.drafter))
+        try:
+            prompt = job.build_prompt()
+        except RequestError as err:
+            job.out.put(("error", err))
+            return
+        job.out.put(("prompt", prompt))
+        cache = self.caches.take(prompt, lambda: make_prompt_cache(self.model, self.drafter))
         try:
             if job.seed is not None:
                 mx.random.seed(job.seed)
             responses = stream_generate(
-                self.model, self.tokenizer, job.prompt, job.max_tokens, drafter=self.drafter,
+                self.model, self.tokenizer, prompt, job.max_tokens, drafter=self.drafter,
                 sampler=make_sampler(**job.sampling), logits_processors=make_logits_processors(**job.processors),
                 prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=job.stop,
                 **self.settings,
@@ -181,14 +187,15 @@ class Engine:
                 if job.cancelled.is_set():
                     responses.close()
                     break
-                logprob, top = None, None
+                entry = None  # (token text, log-probability, [(text, log-probability), ...] of the most likely)
                 if job.top_logprobs >= 0:
-                    logprob = float(r.logprobs[r.token])
+                    top = []
                     if job.top_logprobs > 0:
                         ids = mx.argpartition(-r.logprobs, kth=job.top_logprobs - 1)[: job.top_logprobs]
-                        values = r.logprobs[ids].tolist()
-                        top = sorted(zip(ids.tolist(), values), key=lambda p: -p[1])
-                job.out.put(("token", (r, logprob, top)))
+                        pairs = sorted(zip(ids.tolist(), r.logprobs[ids].tolist()), key=lambda p: -p[1])
+                        top = [(self.tokenizer.decode([i]), v) for i, v in pairs]
+                    entry = (self.tokenizer.decode([r.token]), float(r.logprobs[r.token]), top)
+                job.out.put(("token", (r, entry)))
         finally:
             self.caches.put(cache)
 
@@ -215,7 +222,7 @@ def _check(body: dict, name: str, kinds, default=None, low=None, high=None, low_
 @dataclass
 class Request:
     kind: str  # "chat" or "text"
-    prompt: list[int]
+    build_prompt: Callable[[], list[int]]
     stream: bool
     include_usage: bool
     max_tokens: int
@@ -251,6 +258,8 @@ def parse_request(engine: Engine, kind: str, body: Any) -> Request:
     if model not in engine.model_names:
         raise RequestError(404, f"the model '{model}' does not exist; this server serves '{engine.model_id}'",
                            "model", "model_not_found")
+    if _check(body, "n", int, 1) != 1:
+        raise RequestError(400, "only one choice per request is served ('n' must be 1)", "n", "invalid_value")
     stream = _check(body, "stream", bool, False)
     options = _check(body, "stream_options", dict, {})
     include_usage = _check(options, "include_usage", bool, False)
@@ -291,29 +300,37 @@ def parse_request(engine: Engine, kind: str, body: Any) -> Request:
         logprobs = _check(body, "logprobs", bool, False)
         top_logprobs = _check(body, "top_logprobs", int, 0, low=0, high=20)
     if kind == "chat":
-        prompt = chat_prompt(engine, body)
+        messages = check_messages(body)
+        tokenize = lambda: chat_prompt(engine, body, messages)  # noqa: E731
     else:
         text = body.get("prompt")
         if isinstance(text, str) and text:
-            prompt = engine.tokenizer.encode(text)
+            tokenize = lambda: engine.tokenizer.encode(text)  # noqa: E731
         elif isinstance(text, list) and text and all(isinstance(t, int) and not isinstance(t, bool) for t in text):
-            prompt = list(text)
-            if any(not 0 <= t < engine.target.vocab_size for t in prompt):
+            if any(not 0 <= t < engine.target.vocab_size for t in text):
                 raise RequestError(400, "'prompt' holds a token id outside the vocabulary", "prompt", "invalid_value")
+            tokenize = lambda: list(text)  # noqa: E731
         else:
             raise RequestError(400, "'prompt' must be a non-empty string (or array of token ids)", "prompt",
                                "invalid_value")
-    limit = engine.target.max_context
-    if not prompt:
-        raise RequestError(400, "the prompt is empty", "messages" if kind == "chat" else "prompt", "invalid_value")
-    if limit is not None and len(prompt) >= limit:
-        raise RequestError(400, f"the prompt has {len(prompt)} tokens but the model's context is {limit}; "
-                                "shorten it", "messages" if kind == "chat" else "prompt", "context_length_exceeded")
-    return Request(kind, prompt, stream, include_usage, max_tokens, sampling, processors, seed, stop, logprobs,
+    param = "messages" if kind == "chat" else "prompt"
+
+    def build_prompt() -> list[int]:
+        prompt = tokenize()
+        limit = engine.target.max_context
+        if not prompt:
+            raise RequestError(400, "the prompt is empty", param, "invalid_value")
+        if limit is not None and len(prompt) >= limit:
+            raise RequestError(400, f"the prompt has {len(prompt)} tokens but the model's context is {limit}; "
+                                    "shorten it", param, "context_length_exceeded")
+        return prompt
+
+    return Request(kind, build_prompt, stream, include_usage, max_tokens, sampling, processors, seed, stop, logprobs,
                    top_logprobs if logprobs else -1, model)
 
 
-def chat_prompt(engine: Engine, body: dict) -> list[int]:
+def check_messages(body: dict) -> list[dict]:
+    """The request's messages, checked, with text-part contents joined into strings."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty array", "messages", "invalid_value")
@@ -323,6 +340,12 @@ def chat_prompt(engine: Engine, body: dict) -> list[int]:
             raise RequestError(400, f"messages[{i}] must be an object with a 'role' string", "messages",
                                "invalid_value")
         clean.append({**m, "content": _message_text(m.get("content"), i)})
+    return clean
+
+
+def chat_prompt(engine: Engine, body: dict, clean: list[dict] | None = None) -> list[int]:
+    """The prompt's tokens: the chat template over the messages, with ``tools`` and the template arguments."""
+    clean = check_messages(body) if clean is None else clean
     tools = _check(body, "tools", list, None)
     kwargs = dict(engine.args.chat_template_args)
     kwargs.update(_check(body, "chat_template_kwargs", dict, {}))
@@ -432,35 +455,40 @@ class Handler(BaseHTTPRequestHandler):
     # -- generation
 
     def _serve(self, req: Request) -> None:
-        job = self.engine.submit(Job(req.prompt, req.max_tokens, req.sampling, req.processors, req.seed, req.stop,
-                                     req.top_logprobs))
+        job = self.engine.submit(Job(req.build_prompt, req.max_tokens, req.sampling, req.processors, req.seed,
+                                     req.stop, req.top_logprobs))
         created, rid = int(time.time()), ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self._base = {"id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
                       "created": created, "model": req.model, "system_fingerprint": "treeflash-mlx"}
+        self._prompt: list[int] = []
         state = {"text": "", "tokens": 0, "finish": None, "last": None, "rounds": {}, "logprobs": []}
         started_stream = False
         try:
             for kind, payload in self._results(job):
+                if kind == "prompt":
+                    self._prompt = payload
+                    continue
                 if kind == "error":
                     if started_stream:
                         break
+                    if isinstance(payload, RequestError):
+                        return self._error(payload)
                     status = 400 if isinstance(payload, ValueError) else 500
                     return self._error(RequestError(status, str(payload).splitlines()[0] if str(payload) else
                                                     type(payload).__name__))
-                r, logprob, top = payload
+                r, entry = payload
                 state["tokens"] += 1
                 state["last"] = r
                 state["rounds"][r.round] = r.acceptance_length
                 state["finish"] = r.finish_reason
-                if logprob is not None:
-                    state["logprobs"].append((r.token, logprob, top))
+                if entry is not None:
+                    state["logprobs"].append(entry)
                 if req.stream:
                     if not started_stream:
                         self._start_stream()
                         started_stream = True
-                    if r.text or (logprob is not None):
-                        self._send_event(self._chunk(req, r.text, None, state["logprobs"][-1:] if logprob is not None
-                                                     else None))
+                    if r.text or entry is not None:
+                        self._send_event(self._chunk(req, r.text, None, [entry] if entry is not None else None))
                 else:
                     state["text"] += r.text
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
@@ -489,7 +517,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self._log(499, "client gone at the end")
         ext = usage.get("treeflash") or {}
-        self._log(200, f"prompt={len(req.prompt)} cached={usage['prompt_tokens_details']['cached_tokens']} "
+        self._log(200, f"prompt={len(self._prompt)} cached={usage['prompt_tokens_details']['cached_tokens']} "
                        f"completion={state['tokens']} tau={ext.get('mean_acceptance_length')}")
 
     def _results(self, job: Job):
@@ -513,17 +541,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _logprobs(self, req: Request, entries) -> dict | None:
+        """OpenAI's logprobs object from (token text, log-probability, most likely (text, log-probability)) entries."""
         if not entries:
             return None
-        decode = self.engine.tokenizer.decode
         if req.kind == "chat":
             return {"content": [
-                {"token": decode([t]), "logprob": lp, "bytes": list(decode([t]).encode()),
-                 "top_logprobs": [{"token": decode([i]), "logprob": v, "bytes": list(decode([i]).encode())}
-                                  for i, v in (top or [])]}
-                for t, lp, top in entries]}
-        return {"tokens": [decode([t]) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{decode([i]): v for i, v in (top or [])} for _, _, top in entries]}
+                {"token": text, "logprob": lp, "bytes": list(text.encode()),
+                 "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
+                for text, lp, top in entries]}
+        return {"tokens": [text for text, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [dict(top) for _, _, top in entries]}
 
     def _chunk(self, req: Request, text: str, finish: str | None, entries) -> dict:
         if req.kind == "chat":
@@ -540,15 +567,15 @@ class Handler(BaseHTTPRequestHandler):
         taus = [v for k, v in state["rounds"].items() if k > 0]
         cached = last.cached_tokens if last is not None else 0
         return {
-            "prompt_tokens": len(req.prompt),
+            "prompt_tokens": len(self._prompt),
             "completion_tokens": state["tokens"],
-            "total_tokens": len(req.prompt) + state["tokens"],
+            "total_tokens": len(self._prompt) + state["tokens"],
             "prompt_tokens_details": {"cached_tokens": cached},
             "treeflash": {
                 "mode": self.engine.mode,
                 "mean_acceptance_length": round(sum(taus) / len(taus), 3) if taus else None,
                 "rounds": len(taus),
-                "prefilled_tokens": len(req.prompt) - cached,
+                "prefilled_tokens": len(self._prompt) - cached,
                 "prompt_tps": round(last.prompt_tps, 1) if last else None,
                 "generation_tps": round(last.generation_tps, 1) if last else None,
             },
