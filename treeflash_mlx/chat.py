@@ -62,7 +62,11 @@ def check_args(args: argparse.Namespace) -> None:
 def encode(tokenizer, messages: list[dict]) -> list[int]:
     if tokenizer.chat_template is None:
         return tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: ")
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    try:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as err:  # e.g. a template that refuses a system message
+        raise ValueError(f"the model's chat template failed ({err})") from err
+    return list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
 
 
 def run(args: argparse.Namespace) -> None:
