@@ -101,12 +101,12 @@ def test_eos_and_stop_strings_end_the_stream(pair):
     eos = reference[12]
     first = reference.index(eos)
     with_eos = TokenizerWrapper(tokenizer._tokenizer, eos_token_ids=[eos])
-    out = list(stream_generate(model, with_eos, prompt, drafter, max_tokens=30))
+    out = list(stream_generate(model, with_eos, prompt, 30, drafter=drafter))
     assert [r.token for r in out] == reference[: first + 1] and out[-1].finish_reason == "stop"
 
-    full = "".join(r.text for r in stream_generate(model, tokenizer, prompt, drafter, max_tokens=30))
+    full = "".join(r.text for r in stream_generate(model, tokenizer, prompt, 30, drafter=drafter))
     stop = full[10:13]
-    out = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=30, stop_strings=[stop]))
+    out = list(stream_generate(model, tokenizer, prompt, 30, drafter=drafter, stop_strings=[stop]))
     text = "".join(r.text for r in out)
     assert text == full[: full.index(stop)] and out[-1].finish_reason == "stop"
 

@@ -33,7 +33,7 @@ def test_demo_pair_is_lossless_and_accepts(demo, mode):
     taus = []
     for prompt in PROMPTS[:4]:
         ids = tokenizer.encode(prompt)
-        responses = list(stream_generate(model, tokenizer, ids, drafter, max_tokens=48, mode=mode))
+        responses = list(stream_generate(model, tokenizer, ids, 48, drafter=drafter, mode=mode))
         assert [r.token for r in responses] == mlx_lm_greedy(model, ids, 48)[: len(responses)]
         assert len(responses) == 48 or responses[-1].finish_reason == "stop"
         taus += [r.acceptance_length for r in responses if r.round > 0 and not r.from_draft]

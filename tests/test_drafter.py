@@ -1,4 +1,4 @@
-"""The MLX drafter and head against a direct numpy evaluation of SPEC §2–§3."""
+"""The MLX drafter and head against a direct numpy evaluation of docs/algorithm.md (Drafter, AR head)."""
 
 from __future__ import annotations
 

@@ -42,22 +42,22 @@ def loaded(pair):
 def test_prompt_token_ids_outside_the_vocabulary_are_refused(loaded, bad):
     model, tokenizer, drafter = loaded
     with pytest.raises(ValueError, match="prompt"):
-        next(stream_generate(model, tokenizer, [1, 2, bad], drafter, max_tokens=2))
+        next(stream_generate(model, tokenizer, [1, 2, bad], 2, drafter=drafter))
 
 def test_prompt_arrays_must_hold_integers(loaded):
     model, tokenizer, drafter = loaded
     with pytest.raises(ValueError, match="token ids"):
-        next(stream_generate(model, tokenizer, mx.array([1.0, 2.5]), drafter, max_tokens=2))
+        next(stream_generate(model, tokenizer, mx.array([1.0, 2.5]), 2, drafter=drafter))
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        next(stream_generate(model, tokenizer, mx.array([1, 300]), drafter, max_tokens=2))
-    out = [r.token for r in stream_generate(model, tokenizer, np.array([1, 255]), drafter, max_tokens=3)]
+        next(stream_generate(model, tokenizer, mx.array([1, 300]), 2, drafter=drafter))
+    out = [r.token for r in stream_generate(model, tokenizer, np.array([1, 255]), 3, drafter=drafter)]
     assert out == mlx_lm_greedy(model, [1, 255], 3)  # numpy integers are ids like any other
 
 @pytest.mark.parametrize("returned", [256, -1, 10**6])
 def test_a_sampler_returning_an_id_outside_the_vocabulary_is_refused(loaded, returned):
     model, tokenizer, drafter = loaded
     with pytest.raises(ValueError, match="the sampler returned token id"):
-        list(stream_generate(model, tokenizer, [1, 2], drafter, max_tokens=8,
+        list(stream_generate(model, tokenizer, [1, 2], 8, drafter=drafter,
                              sampler=lambda logprobs: mx.full(logprobs.shape[:-1], returned)))
 
 def test_tree_capacity_is_what_the_tables_can_fill():
@@ -70,7 +70,7 @@ def test_tree_capacity_is_what_the_tables_can_fill():
 def test_a_tree_budget_beyond_the_tables_or_memory_is_refused_before_allocating(loaded, mode, size):
     model, tokenizer, drafter = loaded  # block 8, top-m 8, top-k 16
     with pytest.raises(ValueError, match="tree_size"):
-        next(stream_generate(model, tokenizer, [1, 2], drafter, max_tokens=4, mode=mode, tree_size=size, top_m=8))
+        next(stream_generate(model, tokenizer, [1, 2], 4, drafter=drafter, mode=mode, tree_size=size, draft_top_m=8))
 
 def test_the_memory_estimate_refuses_what_does_not_fit():
     need = verify_bytes(1000, 4000, 150_000, 32)
@@ -89,7 +89,7 @@ def test_the_memory_estimate_refuses_what_does_not_fit():
 
 def test_a_top_m_beyond_the_vocabulary_is_the_vocabulary(loaded):
     model, tokenizer, drafter = loaded
-    out = [r.token for r in stream_generate(model, tokenizer, [1, 2], drafter, max_tokens=4, top_m=10**9, top_k=10**9)]
+    out = [r.token for r in stream_generate(model, tokenizer, [1, 2], 4, drafter=drafter, draft_top_m=10**9, draft_top_k=10**9)]
     assert out == mlx_lm_greedy(model, [1, 2], 4)  # top_m beyond the vocabulary is the vocabulary
 
 
@@ -139,8 +139,8 @@ def test_out_of_range_integer_options_are_refused(pair, capsys, option, value):
 @pytest.mark.parametrize("value", [math.nan, math.inf, 0.0, -1.0])
 def test_api_drafter_temperature_must_be_finite_and_positive(loaded, value):
     model, tokenizer, drafter = loaded
-    with pytest.raises(ValueError, match="drafter temperature"):
-        next(stream_generate(model, tokenizer, [1, 2], drafter, drafter_temp=value))
+    with pytest.raises(ValueError, match="draft_temp must be a finite number > 0"):
+        next(stream_generate(model, tokenizer, [1, 2], drafter=drafter, draft_temp=value))
 
 @pytest.mark.parametrize("argv", [["--temp", "nan"], ["--temp", "inf"], ["--seed", "-1"]])
 def test_benchmark_refuses_non_finite_or_out_of_range_numbers(pair, capsys, argv):
@@ -192,11 +192,11 @@ def test_a_generation_cut_short_by_the_context_says_so(loaded, pair, capsys):
     model, tokenizer, drafter = loaded
     prompt = [5] * 4090  # context 4096
     with pytest.warns(ContextLimitWarning, match="leaves room for only 6 of the 32 tokens"):
-        out = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=32, mode="chain"))
+        out = list(stream_generate(model, tokenizer, prompt, 32, drafter=drafter, mode="chain"))
     assert len(out) == 6 and out[-1].finish_reason == "length"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=6, mode="chain"))  # nothing cut: quiet
+        list(stream_generate(model, tokenizer, prompt, 6, drafter=drafter, mode="chain"))  # nothing cut: quiet
     code, out, err = run_main(capsys, main, "--model", pair[0], "--drafter", pair[1], "-p", "a" * 4090,
                               "--ignore-chat-template", "--max-tokens", 32, "--mode", "chain", "--json")
     assert code == 0 and len(json.loads(out)["tokens"]) == 6
@@ -206,11 +206,11 @@ def test_a_generation_cut_short_by_the_context_says_so(loaded, pair, capsys):
 
 def test_a_single_stop_string_is_one_string(loaded):
     model, tokenizer, drafter = loaded
-    full = "".join(r.text for r in stream_generate(model, tokenizer, [1, 2, 3], drafter, max_tokens=30))
+    full = "".join(r.text for r in stream_generate(model, tokenizer, [1, 2, 3], 30, drafter=drafter))
     stop = full[8:11]
     assert len(set(stop)) > 1 and full.index(stop) > 0
-    as_string = "".join(r.text for r in stream_generate(model, tokenizer, [1, 2, 3], drafter, max_tokens=30,
+    as_string = "".join(r.text for r in stream_generate(model, tokenizer, [1, 2, 3], 30, drafter=drafter,
                                                         stop_strings=stop))
-    as_list = "".join(r.text for r in stream_generate(model, tokenizer, [1, 2, 3], drafter, max_tokens=30,
+    as_list = "".join(r.text for r in stream_generate(model, tokenizer, [1, 2, 3], 30, drafter=drafter,
                                                       stop_strings=[stop]))
     assert as_string == as_list == full[: full.index(stop)]

@@ -11,10 +11,10 @@ from conftest import mlx_lm_greedy, random_prompts, tiny_drafter, tiny_target
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-import treeflash_mlx.speculative as speculative
 from treeflash_mlx import stream_generate
-from treeflash_mlx.drafting import CPU_SETTINGS, device_settings
+from treeflash_mlx.drafting import CPU_SETTINGS, DrafterDrafting, DraftOptions, device_settings, make_drafting, untimed
 from treeflash_mlx.speculative import RoundStats
+from treeflash_mlx.target import Target
 from treeflash_mlx.sampling import greedy, sample_and_accept
 from treeflash_mlx.tree import DraftTree, chain
 
@@ -38,25 +38,29 @@ def test_random_drafter_matches_mlx_lm_greedy(family_case, tokenizer, head, mode
     target, prompts, expected = family_case
     drafter = tiny_drafter(target, head=head)
     for prompt, reference in zip(prompts, expected):
-        out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode,
-                                                head_vocab=vocab)]
+        out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode,
+                                                draft_vocab=vocab)]
         assert out == reference
 
 
-def oracle_draft(truth: list[int], rng: np.random.Generator, block: int = 8):
-    """Test doubles for `start_draft` and `finish_draft`: the target's true continuation, with decoy branches
-    placed before the true node (so accepted paths are not contiguous in node order) and now and then a
-    corrupted token."""
+class Oracle(DrafterDrafting):
+    """An injected drafting: the target's true continuation, with decoy branches placed before the true node (so
+    accepted paths are not contiguous in node order) and now and then a corrupted token. It keeps the real
+    drafter's context cache, so the loop's commits are exercised as in real drafting."""
 
-    def start(drafter, target, root, cache, opts, timer=None, head=None):
+    def __init__(self, target, drafter, truth: list[int], rng: np.random.Generator, block: int = 8):
+        super().__init__(drafter, Target(target), DraftOptions())
+        self.truth, self.rng, self.block = truth, rng, block
+
+    def start(self, root, cache, timer=untimed):
         start = cache[0].offset  # the drafter cache holds exactly the committed prefix
         tokens, parents, depths, cur = [root], [-1], [0], 0
-        for depth, token in enumerate(truth[start + 1 : start + block], start=1):
-            if rng.random() < 0.4:  # a decoy sibling (with a child of its own) ahead of the true node
+        for depth, token in enumerate(self.truth[start + 1 : start + self.block], start=1):
+            if self.rng.random() < 0.4:  # a decoy sibling (with a child of its own) ahead of the true node
                 tokens += [(token + 1) % 255, token]
                 parents += [cur, len(tokens) - 2]
                 depths += [depth, depth + 1]
-            if rng.random() < 0.08:
+            if self.rng.random() < 0.08:
                 token = (token + 7) % 255
             tokens.append(token)
             parents.append(cur)
@@ -64,27 +68,19 @@ def oracle_draft(truth: list[int], rng: np.random.Generator, block: int = 8):
             cur = len(tokens) - 1
         return DraftTree(np.array(tokens), np.array(parents), np.array(depths))
 
-    def finish(root, tree, opts, timer=None):
-        return tree
-
-    return start, finish
+    def finish(self, root, pending, timer=untimed):
+        return pending
 
 
-def use_oracle(monkeypatch, truth: list[int], rng: np.random.Generator) -> None:
-    start, finish = oracle_draft(truth, rng)
-    monkeypatch.setattr(speculative, "start_draft", start)
-    monkeypatch.setattr(speculative, "finish_draft", finish)
-
-
-def test_mostly_right_drafter_exercises_long_paths_and_compaction(tokenizer, monkeypatch):
+def test_mostly_right_drafter_exercises_long_paths_and_compaction(tokenizer):
     target = tiny_target("qwen3", seed=5)
     drafter = tiny_drafter(target)
     rng = np.random.default_rng(0)
     taus = []
     for prompt in random_prompts(N_PROMPTS, seed=11):
         reference = mlx_lm_greedy(target, prompt, N_TOKENS)
-        use_oracle(monkeypatch, prompt + reference, rng)
-        responses = list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS))
+        oracle = Oracle(target, drafter, prompt + reference, rng)
+        responses = list(stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=oracle))
         assert [r.token for r in responses] == reference
         taus += [r.acceptance_length for r in responses if r.round > 0 and not r.from_draft]
     assert np.mean(taus) > 3.5, "the oracle should make long acceptances"
@@ -102,17 +98,17 @@ def test_a_drafter_with_a_sub_vocabulary_matches_mlx_lm_greedy(family_case, toke
     ids = np.random.default_rng(4).permutation(target.args.vocab_size)[:96].tolist()
     drafter = tiny_drafter(target, sub_vocab=ids)
     for prompt, reference in zip(prompts, expected):
-        out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode,
-                                                head_vocab=vocab)]
+        out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode,
+                                                draft_vocab=vocab)]
         assert out == reference
 
 
-def test_bonus_and_draft_flags_and_rounds(tokenizer, monkeypatch):
+def test_bonus_and_draft_flags_and_rounds(tokenizer):
     target = tiny_target("qwen3", seed=5)
     prompt = random_prompts(1, seed=2)[0]
     reference = mlx_lm_greedy(target, prompt, 32)
-    use_oracle(monkeypatch, prompt + reference, np.random.default_rng(1))
-    responses = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=32))
+    oracle = Oracle(target, tiny_drafter(target), prompt + reference, np.random.default_rng(1))
+    responses = list(stream_generate(target, tokenizer, prompt, 32, drafter=oracle))
     assert responses[0].round == 0 and not responses[0].from_draft
     for r in range(1, responses[-1].round):
         tokens = [x for x in responses if x.round == r]
@@ -128,7 +124,7 @@ def test_every_token_carries_the_targets_log_probabilities(tokenizer, sampler):
     target = tiny_target("qwen3", seed=6)
     prompt = random_prompts(1, seed=9)[0]
     want = [(int(t), np.array(lp)) for t, lp in generate_step(mx.array(prompt), target, max_tokens=24)]
-    got = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=24, sampler=sampler))
+    got = list(stream_generate(target, tokenizer, prompt, 24, drafter=tiny_drafter(target), sampler=sampler))
     assert [r.token for r in got] == [t for t, _ in want]
     for response, (_, logprobs) in zip(got, want):
         np.testing.assert_allclose(np.array(response.logprobs), logprobs, rtol=1e-4, atol=1e-4)
@@ -141,7 +137,7 @@ def test_drafting_settings_default_to_the_devices_and_given_ones_win(tokenizer):
     assert device_settings() == CPU_SETTINGS, "the tests run on the CPU backend"
     for given, budget in ((None, CPU_SETTINGS["tree_size"]), (40, 40)):
         stats = RoundStats()
-        list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=16, tree_size=given, stats=stats))
+        list(stream_generate(target, tokenizer, prompt, 16, drafter=drafter, tree_size=given, stats=stats))
         assert {nodes for nodes, _ in stats.rounds} == {budget}
 
 
@@ -151,7 +147,7 @@ def test_the_smallest_blocks_stay_lossless(tokenizer, block_size):
     drafter = tiny_drafter(target, block_size=block_size)
     for mode in ("treeflash", "marginal", "chain"):
         for prompt in random_prompts(3, seed=5):
-            out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=20, mode=mode)]
+            out = [r.token for r in stream_generate(target, tokenizer, prompt, 20, drafter=drafter, mode=mode)]
             assert out == mlx_lm_greedy(target, prompt, 20), mode
 
 
@@ -161,7 +157,7 @@ def test_held_responses_keep_only_the_committed_rows(tokenizer):
     prompt = random_prompts(1, seed=3)[0]
     gc.collect()
     before = mx.get_active_memory()
-    responses = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=48, tree_size=64))
+    responses = list(stream_generate(target, tokenizer, prompt, 48, drafter=tiny_drafter(target), tree_size=64))
     gc.collect()
     committed_rows = len(responses) * target.args.vocab_size * 4  # float32 bytes of one row per token
     assert mx.get_active_memory() - before < 2 * committed_rows
@@ -181,10 +177,17 @@ def test_greedy_keeps_mlx_lms_choice_where_bf16_rounding_ties_two_logits():
 
 
 @pytest.mark.parametrize("max_tokens", [1, 30])
-def test_a_draft_is_started_only_for_a_round_that_runs(tokenizer, monkeypatch, max_tokens):
+def test_a_draft_is_started_only_for_a_round_that_runs(tokenizer, max_tokens):
     target = tiny_target("qwen3", seed=6)
-    started, real = [], speculative.start_draft
-    monkeypatch.setattr(speculative, "start_draft", lambda *args, **kw: started.append(1) or real(*args, **kw))
+    started = []
+
+    class Counting(DrafterDrafting):
+        def start(self, root, cache, timer=untimed):
+            started.append(root)
+            return super().start(root, cache, timer)
+
+    drafting = make_drafting(tiny_drafter(target), Target(target))
+    counting = Counting(drafting.drafter, drafting.target, drafting.opts)
     prompt = random_prompts(1, seed=4)[0]
-    responses = list(stream_generate(target, tokenizer, prompt, tiny_drafter(target), max_tokens=max_tokens))
+    responses = list(stream_generate(target, tokenizer, prompt, max_tokens, drafter=counting))
     assert len(started) == responses[-1].round

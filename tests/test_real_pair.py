@@ -52,7 +52,7 @@ def pair(tmp_path_factory):
 
 
 SETTINGS = {"treeflash": {}, "marginal": {}, "chain": {},
-            "treeflash-published": {"tree_size": 64, "top_m": 16, "head_vocab": 0}}
+            "treeflash-published": {"tree_size": 64, "draft_top_m": 16, "draft_vocab": 0}}
 
 
 @pytest.mark.parametrize("case", SETTINGS)
@@ -61,7 +61,7 @@ def test_the_shipped_drafter_is_lossless_with_its_target(pair, case):
     mode = case.split("-")[0]
     taus = []
     for prompt, reference in zip(prompts, expected):
-        responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode,
+        responses = list(stream_generate(model, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode,
                                          **SETTINGS[case]))
         tokens = [r.token for r in responses]
         assert tokens == reference[: len(tokens)]

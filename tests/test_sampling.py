@@ -8,13 +8,13 @@ import pytest
 from conftest import mlx_lm_greedy, random_prompts, tiny_drafter, tiny_target
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import apply_top_p, make_logits_processors, make_sampler
-from test_lossless_greedy import use_oracle
+from test_lossless_greedy import Oracle
 
 import treeflash_mlx.sampling as sampling
 from treeflash_mlx import stream_generate
 
 VOCAB, N_SAMPLES, PROMPT = 8, 20_000, [1, 5, 2]
-OPTS = dict(tree_size=10, top_m=4, top_k=3)
+OPTS = dict(tree_size=10, draft_top_m=4, draft_top_k=3)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def sample_counts(target, drafter, tokenizer, temp, top_p, n, seed):
     sampler = make_sampler(temp, top_p)
     counts = np.zeros((VOCAB,) * 3)
     for _ in range(n):
-        out = [r.token for r in stream_generate(target, tokenizer, PROMPT, drafter, max_tokens=3, sampler=sampler, **OPTS)]
+        out = [r.token for r in stream_generate(target, tokenizer, PROMPT, 3, drafter=drafter, sampler=sampler, **OPTS)]
         counts[tuple(out)] += 1
     return counts
 
@@ -99,11 +99,11 @@ def test_seed_makes_sampling_repeatable(pair, tokenizer):
     for seed in (3, 3, 4):
         mx.random.seed(seed)
         runs.append([r.token for r in stream_generate(
-            target, tokenizer, PROMPT, drafter, max_tokens=40, sampler=make_sampler(1.0), **OPTS)])
+            target, tokenizer, PROMPT, 40, drafter=drafter, sampler=make_sampler(1.0), **OPTS)])
     assert runs[0] == runs[1] != runs[2]
 
 
-def test_repetition_penalty_uses_each_nodes_own_path(tokenizer, monkeypatch):
+def test_repetition_penalty_uses_each_nodes_own_path(tokenizer):
     target = tiny_target("qwen3", seed=5)
     drafter = tiny_drafter(target)
     processors = make_logits_processors(repetition_penalty=1.8, repetition_context_size=12)
@@ -112,7 +112,7 @@ def test_repetition_penalty_uses_each_nodes_own_path(tokenizer, monkeypatch):
         reference = [int(t) for t, _ in generate_step(mx.array(prompt), target, max_tokens=48,
                                                       logits_processors=processors)]
         assert reference != mlx_lm_greedy(target, prompt, 48), "the penalty should change the output"
-        use_oracle(monkeypatch, prompt + reference, rng)
-        out = list(stream_generate(target, tokenizer, prompt, drafter, max_tokens=48, logits_processors=processors))
+        oracle = Oracle(target, drafter, prompt + reference, rng)
+        out = list(stream_generate(target, tokenizer, prompt, 48, drafter=oracle, logits_processors=processors))
         assert [r.token for r in out] == reference
         assert max(r.acceptance_length for r in out) > 3

@@ -1,4 +1,4 @@
-"""Tree verification over mlx-lm targets: per-node logits, feature capture, KV compaction (SPEC §5)."""
+"""Tree verification over mlx-lm targets: per-node logits, feature capture, KV compaction (docs/algorithm.md, "Verification", "Commit")."""
 
 from __future__ import annotations
 

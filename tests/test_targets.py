@@ -29,7 +29,7 @@ def test_every_family_and_quantization_matches_mlx_lm_greedy(tokenizer, family, 
     expected = [mlx_lm_greedy(target, p, N_TOKENS) for p in prompts]
     for mode in MODES:
         for prompt, reference in zip(prompts, expected):
-            out = [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS, mode=mode)]
+            out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode)]
             assert out == reference, (family, bits, mode)
 
 
@@ -40,7 +40,7 @@ def test_a_quantized_drafter_with_a_quantized_target_stays_lossless(tokenizer, b
     assert "scales" in drafter.model.layers[0].self_attn.q_proj
     for prompt in random_prompts(N_PROMPTS, seed=2):
         reference = mlx_lm_greedy(target, prompt, N_TOKENS)
-        assert [r.token for r in stream_generate(target, tokenizer, prompt, drafter, max_tokens=N_TOKENS)] == reference
+        assert [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter)] == reference
 
 
 def test_an_unsupported_family_is_refused_in_one_line():

@@ -1,4 +1,4 @@
-"""Best-first draft trees (SPEC §4) against hand-worked examples and a brute-force search."""
+"""Best-first draft trees (docs/algorithm.md, "Tree") against hand-worked examples and a brute-force search."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A PyTorch reference of the drafter, the AR head, the tables and the tree, written from SPEC §2–§4.
+"""A PyTorch reference of the drafter, the AR head, the tables and the tree, written from docs/algorithm.md (Drafter, AR head, Tree).
 
 Its state dict uses the published TreeFlash key layout, so it also writes the checkpoints the converter reads.
 """
@@ -98,7 +98,7 @@ class TorchDrafter(nn.Module):
         return x
 
     def tables(self, h, root_emb, embed, lm_head, m, k, temp=1.0):
-        """SPEC §3: (tokens, logp, next_row), each (B-1, rows, k)."""
+        """docs/algorithm.md, "AR head": (tokens, logp, next_row), each (B-1, rows, k)."""
         norm = self.model.norm
         B = h.shape[0]
         if not hasattr(self, "ar_approximation"):
@@ -119,7 +119,7 @@ class TorchDrafter(nn.Module):
 
 
 def build_tree(root, tokens, logp, next_row, size):
-    """SPEC §4: best-first over cumulative log-probability; returns (tokens, parents, depths) lists."""
+    """docs/algorithm.md, "Tree": best-first over cumulative log-probability; returns (tokens, parents, depths) lists."""
     depths_n, _, k = tokens.shape
     out_t, out_p, out_d = [root], [-1], [0]
     heap = [(-float(logp[0, 0, 0]), (0,), 0, 1, 0, 0, float(logp[0, 0, 0]))] if size > 1 else []

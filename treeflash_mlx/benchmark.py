@@ -27,7 +27,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
 from .drafting import PUBLISHED_SETTINGS, device_settings
-from .speculative import RoundStats, load, stream_generate
+from .loading import load
+from .speculative import RoundStats, stream_generate
 from .validation import check_tree_budget, finite, integer
 from .target import Target
 from .tree import DraftTree, chain
@@ -71,8 +72,8 @@ def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[li
                 prompts.append(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True))
             else:
                 prompts.append(tokenizer.encode(item["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{file}:{n} is not a JSON object with a 'prompt' or 'messages' field") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{file}:{n} is not a JSON object with a 'prompt' or 'messages' field") from err
     if not prompts:
         raise ValueError(f"prompt file {file} holds no prompts")
     return prompts[:count]
@@ -113,7 +114,7 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: d
     stage ends in a sync (see ``RoundStats``), so such runs give the time split and the accepted paths, and
     the runs without it give the speed."""
     stats = RoundStats() if profile else None
-    responses = list(stream_generate(model, tokenizer, prompt, drafter, max_tokens=args.max_tokens, sampler=sampler,
+    responses = list(stream_generate(model, tokenizer, prompt, args.max_tokens, drafter=drafter, sampler=sampler,
                                      mode=mode, stats=stats, **settings))
     tokens = [r.token for r in responses]
     if responses[-1].finish_reason == "stop" and tokens[-1] in tokenizer.eos_token_ids:
@@ -301,9 +302,11 @@ def run(args: argparse.Namespace) -> None:
     mx.random.seed(args.seed)
 
     def settings(mode: str, tree_size: int) -> dict:
+        """stream_generate's drafting keywords for a mode."""
         if mode.endswith("@published"):
-            return dict(PUBLISHED_SETTINGS)
-        return {"tree_size": tree_size, "top_m": args.draft_top_m, "head_vocab": args.draft_vocab}
+            p = PUBLISHED_SETTINGS
+            return {"tree_size": p["tree_size"], "draft_top_m": p["top_m"], "draft_vocab": p["head_vocab"]}
+        return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab}
 
     def once(mode: str, prompt, tree_size: int, profile: bool = False) -> dict:
         if mode in ("ar", "draft-model"):

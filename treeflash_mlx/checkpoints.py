@@ -1,6 +1,6 @@
 """Drafter checkpoints: finding them (local or Hugging Face), reading the published layouts, validation.
 
-Layouts read directly (SPEC §6), safetensors or PyTorch .bin, single or sharded:
+Layouts read directly (docs/checkpoints.md), safetensors or PyTorch .bin, single or sharded:
 - TreeFlash: backbone keys under ``model.``, head keys under ``ar_approximation.``;
 - DFlash: the same backbone keys without the ``model.`` prefix, no head;
 - ours (written by the converter): the TreeFlash layout, optionally mlx-quantized (``quantization`` in config).
@@ -46,7 +46,7 @@ def resolve(path_or_repo: str, allow_patterns: list[str], what: str) -> Path:
         raise FileNotFoundError(
             f"{what} '{path_or_repo}' is not a local directory and could not be fetched from the Hugging Face Hub "
             f"({type(err).__name__}: {first_line(err)})"
-        ) from None
+        ) from err
 
 
 def resolve_drafter(path_or_repo: str) -> Path:
@@ -65,13 +65,13 @@ def read_config(path: Path) -> tuple[DrafterConfig, dict]:
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"drafter config '{file}' is not valid JSON ({err})") from None
+        raise ValueError(f"drafter config '{file}' is not valid JSON ({err})") from err
     try:
         config = DrafterConfig.from_dict(raw)
     except KeyError as err:
-        raise ValueError(f"drafter config '{file}' lacks the required key {err.args[0]!r}") from None
+        raise ValueError(f"drafter config '{file}' lacks the required key {err.args[0]!r}") from err
     except (TypeError, ValueError, ArithmeticError, AttributeError) as err:
-        raise ValueError(f"drafter config '{file}' is invalid: {err}") from None
+        raise ValueError(f"drafter config '{file}' is invalid: {err}") from err
     quant = raw.get("quantization")
     if quant is not None and not (
         isinstance(quant, dict) and quant.get("bits") in (2, 3, 4, 5, 6, 8) and quant.get("group_size") in (32, 64, 128)
@@ -86,8 +86,8 @@ def weight_files(path: Path) -> list[Path]:
         if (path / index).is_file():
             try:
                 names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                raise ValueError(f"shard index '{path / index}' is not a valid weight_map index") from None
+            except (json.JSONDecodeError, KeyError, AttributeError) as err:
+                raise ValueError(f"shard index '{path / index}' is not a valid weight_map index") from err
             outside = [n for n in names if (path / n).resolve().parent != path.resolve()]
             if outside:
                 raise ValueError(f"shard index '{path / index}' names a file outside the checkpoint: '{outside[0]}'")
@@ -108,7 +108,7 @@ def read_shard(file: Path) -> dict[str, mx.array]:
     try:
         return mx.load(str(file))
     except Exception as err:
-        raise ValueError(f"drafter weights '{file}' cannot be read ({err}); the file is corrupt or truncated") from None
+        raise ValueError(f"drafter weights '{file}' cannot be read ({err}); the file is corrupt or truncated") from err
 
 
 def to_treeflash_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:

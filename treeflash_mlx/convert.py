@@ -39,7 +39,7 @@ from .checkpoints import (
     weight_files,
 )
 from .drafter import Drafter
-from .speculative import load
+from .loading import load
 from .target import Target
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

@@ -1,4 +1,4 @@
-"""The TreeFlash drafter: a DFlash block drafter (SPEC §2) with an optional AR-approximation head (SPEC §3).
+"""The TreeFlash drafter: a DFlash block drafter with an optional AR-approximation head (docs/algorithm.md).
 
 The drafter owns no embedding and no lm_head: block inputs are the target's embeddings of
 ``[root, MASK, ..., MASK]`` and logits come from the target's lm_head over ``model.norm(h)``. It reads
@@ -256,7 +256,7 @@ class Backbone(nn.Module):
 
 
 class ARApproximation(nn.Module):
-    """SwiGLU correction of the depth-d hidden state given the depth-(d-1) token (SPEC §3)."""
+    """SwiGLU correction of the depth-d hidden state given the depth-(d-1) token (docs/algorithm.md, "AR head")."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""One drafting step: drafter pass → transition tables (SPEC §3) → draft tree (SPEC §4).
+"""One drafting step: drafter pass → transition tables → draft tree (docs/algorithm.md, "AR head", "Tree").
 
 All model work of a round's drafting is one MLX graph: ``start_draft`` builds it and starts its evaluation
 before the caller emits the previous round's tokens (MLX lets only the tail of a long graph run on while
@@ -15,7 +15,8 @@ import numpy as np
 from .drafter import Drafter
 from .sampling import log_softmax
 from .target import Target
-from .tree import DraftTree, best_first, chain
+from .validation import check_tree_budget, finite, integer
+from .tree import DraftTree, best_first, chain, root_only
 
 MODES = ("treeflash", "marginal", "chain", "ar")
 
@@ -221,3 +222,96 @@ def finish_draft(root: int, arrays: tuple, opts: DraftOptions, timer=untimed) ->
     timer("tree")
     return tree
 
+
+
+def default_mode(drafter: Drafter | None) -> str:
+    if drafter is None:
+        return "ar"
+    return "treeflash" if drafter.has_head else "marginal"
+
+
+class Drafting:
+    """How a round's draft is made, behind one interface, so the round loop has no mode branches.
+
+    ``start(root, cache)`` builds (and starts evaluating) the model work of a draft rooted at the last committed
+    token; ``finish(root, pending)`` turns it into the tree to verify. ``capture`` names the target layers whose
+    outputs the drafter reads, and ``append_context`` hands it the features of newly committed positions.
+    This base class is plain decoding (mode ``ar``): no drafter, the root alone, so a round's verification is
+    one ordinary decoding step. Tests subclass it to inject oracle drafters."""
+
+    mode = "ar"
+    capture: list[int] = []
+
+    def make_cache(self) -> list:
+        return []
+
+    def append_context(self, features: mx.array, cache: list) -> None:
+        """``features`` (n, F): the captured target features of n newly committed positions."""
+
+    def start(self, root: int, cache: list, timer=untimed):
+        return None
+
+    def finish(self, root: int, pending, timer=untimed) -> DraftTree:
+        return root_only(root)
+
+    def check_budget(self, context: int) -> None:
+        """Refuse, before any work, a round that cannot fit in memory over ``context`` tokens (none here)."""
+
+
+class DrafterDrafting(Drafting):
+    """Drafting with a block drafter: chain (DFlash), marginal tree (DDTree) or TreeFlash tree."""
+
+    def __init__(self, drafter: Drafter, target: Target, opts: DraftOptions):
+        self.drafter, self.target, self.opts = drafter, target, opts
+        self.mode = opts.mode
+        self.capture = list(drafter.args.target_layer_ids)
+        self.head = make_head(drafter, target)  # the sub-vocabulary's rows are gathered once, not per round
+
+    def make_cache(self) -> list:
+        return self.drafter.make_cache()
+
+    def append_context(self, features: mx.array, cache: list) -> None:
+        self.drafter.append_context(features[None], cache)
+
+    def start(self, root: int, cache: list, timer=untimed):
+        return start_draft(self.drafter, self.target, root, cache, self.opts, timer, self.head)
+
+    def finish(self, root: int, pending, timer=untimed) -> DraftTree:
+        return finish_draft(root, pending, self.opts, timer)
+
+    def check_budget(self, context: int) -> None:
+        o, t = self.opts, self.target
+        check_tree_budget(o.tree_size, o.mode, self.drafter.args.block_size, o.top_m, o.top_k, context, t.vocab_size,
+                          t.model.args.num_attention_heads, hidden_size=t.hidden_size, head_vocab=o.head_vocab)
+
+
+def make_drafting(
+    drafter: Drafter | None,
+    target: Target,
+    mode: str | None = None,
+    tree_size: int | None = None,
+    draft_top_m: int | None = None,
+    draft_top_k: int | None = None,
+    draft_temp: float | None = None,
+    draft_vocab: int | None = None,
+) -> Drafting:
+    """The drafting of ``mode`` (default: ``default_mode(drafter)``) with its settings checked. Settings left at
+    None take ``device_settings()`` (tree size, top-m, head vocabulary) or the published values."""
+    mode = mode or default_mode(drafter)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab}
+    settings = device_settings() | {k: v for k, v in given.items() if v is not None}
+    opts = DraftOptions(mode, top_k=16 if draft_top_k is None else draft_top_k,
+                        temperature=1.0 if draft_temp is None else draft_temp, **settings)
+    for name, value in (("tree_size", opts.tree_size), ("draft_top_m", opts.top_m), ("draft_top_k", opts.top_k)):
+        integer(name, value, low=1)
+    integer("draft_vocab (0: the whole vocabulary)", opts.head_vocab, low=0)
+    finite("draft_temp", opts.temperature, low=0, low_open=True)
+    if mode == "ar":
+        return Drafting()
+    if drafter is None:
+        raise ValueError(f"mode '{mode}' needs a drafter; pass one or use mode 'ar'")
+    if mode == "treeflash" and not drafter.has_head:
+        raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head; use 'marginal' or 'chain'")
+    return DrafterDrafting(drafter, target, opts)

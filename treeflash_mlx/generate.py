@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ._cli import run_cli
-from .drafting import MODES
-from .speculative import default_mode, load, stream_generate, summary
+from .drafting import MODES, default_mode
+from .loading import DEMO, demo_paths, load  # noqa: F401  (DEMO: where the tests and scripts look)
+from .speculative import stream_generate, summary
 from .validation import finite, integer, utf8_text
-
-DEMO = Path(__file__).parent / "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,29 +85,24 @@ def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except Exception as err:  # e.g. a template that refuses a system message
-        raise ValueError(f"the model's chat template failed ({err}); try --ignore-chat-template") from None
+        raise ValueError(f"the model's chat template failed ({err}); try --ignore-chat-template") from err
 
 
 def run(args: argparse.Namespace) -> None:
     check_args(args)
-    if args.model is None:  # the bundled demo pair: a small stdlib-trained Qwen3 and its TreeFlash drafter
-        if args.drafter is not None:
-            raise ValueError("--drafter needs --model: a drafter is made for one target")
-        if not (DEMO / "target" / "config.json").is_file():
-            raise FileNotFoundError(f"the demo pair is missing from {DEMO}; pass --model (and --drafter)")
-        args.model, args.drafter = str(DEMO / "target"), str(DEMO / "drafter")
+    args.model, args.drafter = demo_paths(args.model, args.drafter)  # no model: the bundled demo pair
     if args.seed is not None:
         mx.random.seed(args.seed)
     model, tokenizer, drafter = load(args.model, args.drafter)
     prompt = prompt_tokens(tokenizer, args)
     mode = args.mode or default_mode(drafter)
     responses = stream_generate(
-        model, tokenizer, prompt, drafter,
-        max_tokens=args.max_tokens,
+        model, tokenizer, prompt, args.max_tokens,
+        drafter=drafter,
         sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
         logits_processors=make_logits_processors(None, args.repetition_penalty, args.repetition_context_size),
-        mode=mode, tree_size=args.tree_size, top_m=args.draft_top_m, top_k=args.draft_top_k,
-        drafter_temp=args.draft_temp, head_vocab=args.draft_vocab, stop_strings=args.stop,
+        mode=mode, tree_size=args.tree_size, draft_top_m=args.draft_top_m, draft_top_k=args.draft_top_k,
+        draft_temp=args.draft_temp, draft_vocab=args.draft_vocab, stop_strings=args.stop,
     )
     text, tokens, rounds, last = "", [], {}, None
     for response in responses:

@@ -1,4 +1,4 @@
-"""Per-node sampling and the acceptance walk (SPEC §5.2–5.3).
+"""Per-node sampling and the acceptance walk (docs/algorithm.md, "Acceptance").
 
 Every node the walk reaches gets its own independent sample from the target's (processed) distribution at
 that node; the walk then follows the child whose token equals the sample. Because the tree is fixed before any sample

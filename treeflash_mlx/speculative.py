@@ -1,6 +1,8 @@
-"""The speculative decoding loop: load → prefill → per round: draft → verify → accept → commit → emit.
+"""The speculative decoding loop (docs/algorithm.md): prefill → per round: draft → verify → accept → commit.
 
-The API mirrors mlx-lm: ``load``, ``stream_generate`` yielding ``GenerationResponse``s, ``generate``.
+Shaped as mlx-lm's: ``generate_step`` takes prompt tokens (and a prompt cache) and yields each round's committed
+tokens; ``stream_generate`` detokenizes them, applies stop strings and builds ``GenerationResponse``s; ``generate``
+collects the text. How a round is drafted is a ``drafting.Drafting`` object, so the loop has no mode branches.
 """
 
 from __future__ import annotations
@@ -8,19 +10,19 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Generator, Sequence
+from typing import Generator, NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
-from .drafting import MODES, DraftOptions, device_settings, finish_draft, make_head, start_draft, untimed
+from .drafting import Drafting, make_drafting, untimed
+from .prompt_cache import PromptCache, make_prompt_cache
 from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits, sample_and_accept
 from .target import Target, compact
 from .tree import root_only
-from .validation import check_tree_budget, finite, integer, stop_strings as _stop_strings, token_ids
+from .validation import stop_strings as _stop_strings, token_ids
 
 PREFILL_STEP = 2048
 
@@ -32,6 +34,8 @@ class GenerationResponse:
     ``from_draft``: the token was a drafted token the target accepted (False for each round's bonus token).
     ``round``: 0 for the token sampled after the prompt, then 1, 2, ... per verification pass.
     ``acceptance_length``: tokens committed by that round (τ; 1 for round 0).
+    ``cached_tokens``: prompt tokens served by the prompt cache (not prefilled); ``prompt_tps`` counts only the
+    prefilled ones.
     """
 
     text: str
@@ -46,56 +50,7 @@ class GenerationResponse:
     round: int
     acceptance_length: int
     finish_reason: str | None = None
-
-
-def load(
-    model: str, drafter: str | None = None, tokenizer_config: dict | None = None
-) -> tuple[nn.Module, TokenizerWrapper, Drafter | None]:
-    """Load an mlx-lm target and (optionally) a drafter for it, checking that they fit together."""
-    from mlx_lm.utils import load as mlx_load
-
-    model_path = resolve(model, MODEL_FILES, "model")
-    try:
-        target_model, tokenizer = mlx_load(str(model_path), tokenizer_config=tokenizer_config)
-    except Exception as err:
-        raise ValueError(f"cannot load model '{model}': {first_line(err)}") from None
-    target_model.model_path = model_path
-    target = Target(target_model)
-    if drafter is None:
-        return target_model, tokenizer, None
-    dtype = target.embed_tokens.weight.dtype
-    if not mx.issubdtype(dtype, mx.floating):  # quantized embedding: use its scales' dtype
-        dtype = target.embed_tokens.scales.dtype
-    draft_model, drafter_path = load_drafter(drafter, dtype=dtype)
-    validate(draft_model.args, target)
-    draft_model.path = drafter_path
-    return target_model, tokenizer, draft_model
-
-
-def _check_options(opts: DraftOptions, drafter: Drafter | None, max_tokens: int) -> DraftOptions:
-    if opts.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
-    if opts.mode != "ar" and drafter is None:
-        raise ValueError(f"mode '{opts.mode}' needs a drafter; pass one or use mode 'ar'")
-    if opts.mode == "treeflash" and drafter is not None and not drafter.has_head:
-        raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head; use 'marginal' or 'chain'")
-    for name in ("tree_size", "top_m", "top_k"):
-        integer(name, getattr(opts, name), low=1)
-    if isinstance(opts.head_vocab, bool) or not isinstance(opts.head_vocab, int) or opts.head_vocab < 0:
-        raise ValueError(f"head_vocab must be an integer >= 0 (0: the whole vocabulary), got {opts.head_vocab!r}")
-    finite("drafter temperature", opts.temperature, low=0, low_open=True)
-    integer("max_tokens", max_tokens, low=1)
-    return opts
-
-
-class ContextLimitWarning(UserWarning):
-    """The model's context leaves room for fewer tokens than ``max_tokens`` asked for."""
-
-
-def default_mode(drafter: Drafter | None) -> str:
-    if drafter is None:
-        return "ar"
-    return "treeflash" if drafter.has_head else "marginal"
+    cached_tokens: int = 0
 
 
 class RoundStats:
@@ -148,39 +103,156 @@ class _TextStream:
         return segment, finish
 
 
+class ContextLimitWarning(UserWarning):
+    """The model's context leaves room for fewer tokens than ``max_tokens`` asked for."""
+
+
+class Committed(NamedTuple):
+    """One committed token, as ``generate_step`` yields it (a round's tokens come together, in order)."""
+
+    token: int
+    logprobs: mx.array
+    from_draft: bool  # an accepted draft token (False for the token each round samples itself)
+    round: int  # 0: the token sampled after the prompt; then 1, 2, ... per verification pass
+
+
+def token_limit(target: Target, n_prompt: int, max_tokens: int) -> int | None:
+    """How many tokens a generation may commit: ``max_tokens``, cut to the model's context (< 0: the context;
+    None: no limit). Raises ValueError for an empty prompt, one past the context, or ``max_tokens`` 0."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise ValueError(f"max_tokens must be a whole number, got {max_tokens!r}")
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty; give at least one token")
+    if target.max_context is not None and n_prompt >= target.max_context:
+        raise ValueError(
+            f"the prompt has {n_prompt} tokens but the model's context is {target.max_context}; shorten it"
+        )
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be at least 1 (or negative: up to the model's context)")
+    room = None if target.max_context is None else target.max_context - n_prompt
+    return room if max_tokens < 0 else (max_tokens if room is None else min(max_tokens, room))
+
+
+def generate_step(
+    prompt: Sequence[int],
+    model: nn.Module,
+    drafting: Drafting | None = None,
+    *,
+    prompt_cache: PromptCache | None = None,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    max_tokens: int = 256,
+    stop_tokens: Sequence[int] = (),
+    prefill_step_size: int = PREFILL_STEP,
+    stats: RoundStats | None = None,
+) -> Generator[list[Committed], None, None]:
+    """Yield the tokens each round commits: first the one sampled after the prompt, then each verification's.
+
+    The target's output exactly (greedy: token for token; sampling: in distribution). ``prompt_cache`` (from
+    ``make_prompt_cache``) is reused for the prefix it shares with ``prompt`` and left holding the prompt and the
+    committed tokens. ``max_tokens`` < 0: up to the model's context. The draft of the next round is started
+    before a round's tokens are yielded (its model work overlaps the caller's), unless they hold one of
+    ``stop_tokens`` or reach ``max_tokens``; then the generator ends after yielding them."""
+    target = Target(model)
+    drafting = drafting or Drafting()
+    prompt = token_ids(prompt, target.vocab_size)
+    limit = token_limit(target, len(prompt), max_tokens)
+    drafting.check_budget(len(prompt) + (limit or 0))
+    sampler = sampler or greedy
+    processors = logits_processors or ()
+    stop_tokens = set(stop_tokens)
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    cached = cache.fit(prompt, drafting, len(target.layers))
+    timer = stats or untimed
+
+    for i in range(cached, len(prompt), prefill_step_size):  # each chunk's features go straight to the drafter
+        chunk = prompt[i : i + prefill_step_size]
+        logits, feats = target.forward(mx.array(chunk), cache.target, drafting.capture, last_only=True)
+        if drafting.capture:
+            drafting.append_context(feats, cache.drafter)
+        mx.eval(logits, [c.state for c in cache.target + (cache.drafter or [])])
+        cache.tokens.extend(chunk)
+    first = root_only(prompt[-1])
+    keys = PositionKeys()  # one sampling seed per generated position: a seed pins the output, whatever the tree
+    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, processors), first, sampler, keys)
+
+    new, emitted, round_index, history = [Committed(root, logprobs[0], False, 0)], 0, 0, list(prompt)
+    while True:
+        if stats:
+            stats.start()
+        if limit is not None:
+            new = new[: limit - emitted]
+        emitted += len(new)
+        ends = (limit is not None and emitted >= limit) or any(c.token in stop_tokens for c in new)
+        pending = None if ends else drafting.start(root, cache.drafter, timer)
+        yield new
+        if ends:
+            return
+        history.extend(c.token for c in new)
+
+        round_index += 1
+        if stats:
+            stats.start()  # the time the caller spent belongs to no stage
+        start = cache.target[0].offset  # the root's position: the cache holds everything before it
+        tree = drafting.finish(root, pending, timer)
+        logits, feats = target.verify(tree, cache.target, drafting.capture)
+        path, bonus, logprobs = sample_and_accept(node_logits(logits, tree, history, processors), tree, sampler, keys)
+        timer("verify")
+        compact(cache.target, start, path)
+        if drafting.capture:
+            drafting.append_context(feats[mx.array(path)], cache.drafter)
+        cache.tokens.extend(int(tree.tokens[n]) for n in path)
+        if stats:
+            stats("commit", [c.state for c in cache.target + (cache.drafter or [])])
+            stats.rounds.append((len(tree), path))
+        new = [Committed(int(tree.tokens[n]), logprobs[i], True, round_index) for i, n in enumerate(path[1:])]
+        new.append(Committed(bonus, logprobs[-1], False, round_index))
+        root = bonus
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
     prompt: str | Sequence[int] | mx.array,
-    drafter: Drafter | None = None,
-    *,
     max_tokens: int = 256,
+    *,
+    drafter: Drafter | Drafting | None = None,
     sampler: Sampler | None = None,
-    logits_processors: Sequence[LogitsProcessor] = (),
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    prompt_cache: PromptCache | None = None,
+    prefill_step_size: int = PREFILL_STEP,
+    stop_strings: str | Sequence[str] = (),
     mode: str | None = None,
     tree_size: int | None = None,
-    top_m: int | None = None,
-    top_k: int = 16,
-    drafter_temp: float = 1.0,
-    head_vocab: int | None = None,
-    stop_strings: str | Sequence[str] = (),
+    draft_top_m: int | None = None,
+    draft_top_k: int | None = None,
+    draft_temp: float | None = None,
+    draft_vocab: int | None = None,
     stats: RoundStats | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` exactly as the target alone would (in distribution; greedy: token for token).
 
-    ``sampler`` and ``logits_processors`` follow mlx-lm (``make_sampler``, ``make_logits_processors``);
-    processors see, for each tree node, the committed tokens and that node's own path as history.
-    ``tree_size``, ``top_m`` and ``head_vocab`` left at None take ``drafting.device_settings()``.
-    ``stats`` collects a per-stage profile (at the cost of a sync per stage).
-    ``stop_strings``: one string or several; the text ends before the first one found.
-    A seed (``mx.random.seed``) pins the sampled output whatever the mode and tree settings: every committed
-    position draws its randomness from its own key, taken in position order (``sampling.PositionKeys``).
+    Called as mlx-lm's ``stream_generate(model, tokenizer, prompt, max_tokens, ...)``, with the drafter as a
+    keyword (without one: plain decoding). ``sampler`` and ``logits_processors`` follow mlx-lm (``make_sampler``,
+    ``make_logits_processors``); processors see, for each tree node, the committed tokens and that node's own
+    path as history. ``prompt_cache``: see ``make_prompt_cache``. The drafting settings (``mode``,
+    ``tree_size``, ``draft_top_m``, ``draft_top_k``, ``draft_temp``, ``draft_vocab``) change the speed, never
+    the output; left at None they take ``drafting.device_settings()`` and the published values. ``drafter`` may
+    also be a ready ``drafting.Drafting`` object, which carries its own settings. ``stats`` collects a
+    per-stage profile (at the cost of a sync per stage). ``stop_strings``: one string or several; the text
+    ends before the first one found. A seed (``mx.random.seed``) pins the sampled output whatever the mode and
+    tree settings: every committed position draws its randomness from its own key, taken in position order
+    (``sampling.PositionKeys``). A context too short for ``max_tokens`` warns (``ContextLimitWarning``).
     """
-    given = {"tree_size": tree_size, "top_m": top_m, "head_vocab": head_vocab}
-    settings = device_settings() | {k: v for k, v in given.items() if v is not None}
-    opts = _check_options(
-        DraftOptions(mode or default_mode(drafter), top_k=top_k, temperature=drafter_temp, **settings), drafter, max_tokens
-    )
+    settings = dict(tree_size=tree_size, draft_top_m=draft_top_m, draft_top_k=draft_top_k, draft_temp=draft_temp,
+                    draft_vocab=draft_vocab)
+    if isinstance(drafter, Drafting):
+        given = [name for name, value in settings.items() if value is not None] + (["mode"] if mode else [])
+        if given:
+            raise ValueError(f"a Drafting object carries its own settings; do not also pass {', '.join(given)}")
+        drafting = drafter
+    else:
+        drafting = make_drafting(drafter, Target(model), mode, **settings)
     stop_strings = _stop_strings(stop_strings)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
@@ -192,104 +264,60 @@ def stream_generate(
         prompt = prompt.tolist()
     target = Target(model)
     prompt = token_ids(prompt, target.vocab_size)
-    if not prompt:
-        raise ValueError("the prompt is empty; give at least one token")
-    if target.max_context is not None and len(prompt) >= target.max_context:
-        raise ValueError(
-            f"the prompt has {len(prompt)} tokens but the model's context is {target.max_context}; shorten it"
-        )
-    limit = max_tokens if target.max_context is None else min(max_tokens, target.max_context - len(prompt))
-    if limit < max_tokens:
+    limit = token_limit(target, len(prompt), max_tokens)
+    if limit is not None and 0 < max_tokens and limit < max_tokens:
         warnings.warn(
             f"the model's context of {target.max_context} tokens leaves room for only {limit} of the "
             f"{max_tokens} tokens asked after a {len(prompt)}-token prompt", ContextLimitWarning, stacklevel=2)
-    if opts.mode not in ("ar", "chain"):
-        check_tree_budget(opts.tree_size, opts.mode, drafter.args.block_size, opts.top_m, opts.top_k,
-                          len(prompt) + limit, target.vocab_size, target.model.args.num_attention_heads,
-                          hidden_size=target.hidden_size, head_vocab=opts.head_vocab)
-    sampler = sampler or greedy
-    use_drafter = opts.mode != "ar"
-    capture = drafter.args.target_layer_ids if use_drafter else []
-    t_cache = target.make_cache()
-    d_cache = drafter.make_cache() if use_drafter else None
-    head = make_head(drafter, target) if use_drafter else None
-
-    tic = time.perf_counter()
-    for i in range(0, len(prompt), PREFILL_STEP):  # prefill; every chunk's features go straight to the drafter
-        chunk = prompt[i : i + PREFILL_STEP]
-        logits, feats = target.forward(mx.array(chunk), t_cache, capture, last_only=True)
-        if use_drafter:
-            drafter.append_context(feats[None], d_cache)
-        mx.eval(logits, [c.state for c in t_cache + (d_cache or [])])
-    first = root_only(prompt[-1])
-    keys = PositionKeys()  # one sampling seed per generated position: a seed pins the output, whatever the tree
-    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, logits_processors), first, sampler, keys)
-    prompt_tps = len(prompt) / (time.perf_counter() - tic)
-
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    steps = generate_step(
+        prompt, model, drafting, prompt_cache=cache, sampler=sampler, logits_processors=logits_processors,
+        max_tokens=max_tokens, stop_tokens=tokenizer.eos_token_ids, prefill_step_size=prefill_step_size,
+        stats=stats,
+    )
     stream = _TextStream(tokenizer, stop_strings)
-    generated, round_index = 0, 0
     tic = time.perf_counter()
-    new = [(root, logprobs[0], False)]
-    history = list(prompt)
-    timer = stats or untimed
-    while True:
-        if stats:
-            stats.start()
-        # The next round's drafting is started before this round's tokens are emitted (its tail overlaps them),
-        # unless these tokens end the generation.
-        ends = generated + len(new) >= limit or any(token in stream.stop_ids for token, _, _ in new)
-        pending = start_draft(drafter, target, root, d_cache, opts, timer, head) if use_drafter and not ends else None
-        for token, token_logprobs, from_draft in new:
-            generated += 1
-            history.append(token)
-            segment, finish = stream.add(token, last=generated >= limit)
-            yield GenerationResponse(
-                text=segment,
-                token=token,
-                logprobs=token_logprobs,
-                from_draft=from_draft,
-                prompt_tokens=len(prompt),
-                prompt_tps=prompt_tps,
-                generation_tokens=generated,
-                generation_tps=generated / (time.perf_counter() - tic),
-                peak_memory=mx.get_peak_memory() / 1e9,
-                round=round_index,
-                acceptance_length=len(new),
-                finish_reason=finish,
-            )
-            if finish:
-                return
-
-        round_index += 1
-        if stats:
-            stats.start()  # the time spent emitting belongs to no stage
-        start = t_cache[0].offset  # the root's position: the cache holds everything before it
-        tree = finish_draft(root, pending, opts, timer) if use_drafter else root_only(root)
-        logits, feats = target.verify(tree, t_cache, capture)
-        path, root, logprobs = sample_and_accept(
-            node_logits(logits, tree, history, logits_processors), tree, sampler, keys)
-        timer("verify")
-        compact(t_cache, start, path)
-        if use_drafter:
-            drafter.append_context(feats[mx.array(path)][None], d_cache)
-        if stats:
-            stats("commit", [c.state for c in t_cache + (d_cache or [])])
-            stats.rounds.append((len(tree), path))
-        new = [(int(tree.tokens[n]), logprobs[i], True) for i, n in enumerate(path[1:])]
-        new.append((root, logprobs[-1], False))
+    generated, prompt_tps = 0, 0.0
+    try:
+        for committed in steps:
+            if committed[0].round == 0:
+                prompt_tps = max(len(prompt) - cache.reused, 1) / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            for c in committed:
+                generated += 1
+                segment, finish = stream.add(c.token, last=limit is not None and generated >= limit)
+                yield GenerationResponse(
+                    text=segment,
+                    token=c.token,
+                    logprobs=c.logprobs,
+                    from_draft=c.from_draft,
+                    prompt_tokens=len(prompt),
+                    prompt_tps=prompt_tps,
+                    generation_tokens=generated,
+                    generation_tps=generated / (time.perf_counter() - tic),
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    round=c.round,
+                    acceptance_length=len(committed),
+                    finish_reason=finish,
+                    cached_tokens=cache.reused,
+                )
+                if finish:
+                    return
+    finally:
+        steps.close()
 
 
 def generate(
     model: nn.Module,
     tokenizer: TokenizerWrapper,
     prompt: str | Sequence[int],
-    drafter: Drafter | None = None,
     verbose: bool = False,
     **kwargs,
 ) -> str:
-    """Generate a complete response; with ``verbose``, stream it and print speed and acceptance."""
+    """Generate a complete response, called as mlx-lm's (``drafter=`` and the rest as ``stream_generate``'s);
+    with ``verbose``, stream it and print speed and acceptance."""
     text, last, rounds = "", None, {}
-    for response in stream_generate(model, tokenizer, prompt, drafter, **kwargs):
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
         text += response.text
         if verbose:
             print(response.text, end="", flush=True)

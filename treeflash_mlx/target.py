@@ -1,4 +1,4 @@
-"""Tree forward passes over an mlx-lm target, feature capture and KV compaction (SPEC §5).
+"""Tree forward passes over an mlx-lm target, feature capture and KV compaction (docs/algorithm.md, "Verification", "Commit").
 
 mlx-lm's ``Model.__call__`` takes no mask, gives RoPE one offset per call and returns no hidden states, so
 this module runs the target's own layers itself: same weights, same modules (quantized ones included),

@@ -145,7 +145,7 @@ def load_bin(path: Path) -> dict[str, mx.array]:
     try:
         return _load_zip(path)
     except zipfile.BadZipFile as err:
-        raise ValueError(f"'{path}' is a damaged zip archive ({err})") from None
+        raise ValueError(f"'{path}' is a damaged zip archive ({err})") from err
 
 
 def _load_zip(path: Path) -> dict[str, mx.array]:

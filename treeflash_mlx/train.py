@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ._cli import run_cli
 from .checkpoints import load_drafter, save_drafter, save_weights, validate
 from .drafter import Drafter, DrafterConfig
-from .speculative import load, stream_generate
+from .loading import load
+from .speculative import stream_generate
 from .target import Target
 
 DEPTH_DECAY = 7.0
@@ -374,7 +374,7 @@ def evaluate(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: in
         taus = []
         for p in prompts:
             rounds = {r.round: r.acceptance_length for r in
-                      stream_generate(model, tokenizer, p, drafter, max_tokens=max_tokens, mode=mode)}
+                      stream_generate(model, tokenizer, p, max_tokens, drafter=drafter, mode=mode)}
             taus += [v for k, v in rounds.items() if k > 0]
         out[mode] = float(np.mean(taus)) if taus else float("nan")
     return out

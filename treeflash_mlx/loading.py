@@ -1,0 +1,50 @@
+"""Loading a target and its drafter, checked against each other; where the bundled demo pair lives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
+from .drafter import Drafter
+from .target import Target
+
+DEMO = Path(__file__).parent / "demo"
+
+
+def load(
+    model: str, drafter: str | None = None, tokenizer_config: dict | None = None
+) -> tuple[nn.Module, TokenizerWrapper, Drafter | None]:
+    """Load an mlx-lm target and (optionally) a drafter for it, checking that they fit together."""
+    from mlx_lm.utils import load as mlx_load
+
+    model_path = resolve(model, MODEL_FILES, "model")
+    try:
+        target_model, tokenizer = mlx_load(str(model_path), tokenizer_config=tokenizer_config)
+    except Exception as err:
+        raise ValueError(f"cannot load model '{model}': {first_line(err)}") from err
+    target_model.model_path = model_path
+    target = Target(target_model)
+    if drafter is None:
+        return target_model, tokenizer, None
+    dtype = target.embed_tokens.weight.dtype
+    if not mx.issubdtype(dtype, mx.floating):  # quantized embedding: use its scales' dtype
+        dtype = target.embed_tokens.scales.dtype
+    draft_model, drafter_path = load_drafter(drafter, dtype=dtype)
+    validate(draft_model.args, target)
+    draft_model.path = drafter_path
+    return target_model, tokenizer, draft_model
+
+
+def demo_paths(model: str | None, drafter: str | None) -> tuple[str, str | None]:
+    """The command lines' default: with no model, the bundled demo target and its drafter."""
+    if model is not None:
+        return model, drafter
+    if drafter is not None:
+        raise ValueError("--drafter needs --model: a drafter is made for one target")
+    if not (DEMO / "target" / "config.json").is_file():
+        raise FileNotFoundError(f"the demo pair is missing from {DEMO}; pass --model (and --drafter)")
+    return str(DEMO / "target"), str(DEMO / "drafter")
