@@ -139,7 +139,7 @@ def test_out_of_range_integer_options_are_refused(pair, capsys, option, value):
 @pytest.mark.parametrize("value", [math.nan, math.inf, 0.0, -1.0])
 def test_api_drafter_temperature_must_be_finite_and_positive(loaded, value):
     model, tokenizer, drafter = loaded
-    with pytest.raises(ValueError, match="draft_temp must be a finite number > 0"):
+    with pytest.raises(ValueError, match="draft_temp must be (a finite number )?> 0"):
         next(stream_generate(model, tokenizer, [1, 2], drafter=drafter, draft_temp=value))
 
 @pytest.mark.parametrize("argv", [["--temp", "nan"], ["--temp", "inf"], ["--seed", "-1"]])
