@@ -187,7 +187,7 @@ def load_drafter(path_or_repo: str | Path, dtype: mx.Dtype | None = None) -> tup
 
 
 def check_sub_vocab(ids: mx.array, vocab_size: int, where: Path) -> None:
-    """A sub-vocabulary must name distinct target token ids (docs/formats.md)."""
+    """A sub-vocabulary must name distinct target token ids (docs/checkpoints.md)."""
     if not mx.issubdtype(ids.dtype, mx.integer):
         raise ValueError(f"drafter checkpoint '{where}': sub_vocab must hold integer token ids, not {ids.dtype}")
     values = ids.tolist()

@@ -54,7 +54,7 @@ class DrafterConfig:
     target_layer_ids: list[int] = field(default_factory=list)
     ar_approximation: str | None = None
     candidate_tokens: int = 16
-    sub_vocab_size: int | None = None  # ours: the drafter scores only these target tokens (docs/formats.md)
+    sub_vocab_size: int | None = None  # ours: the drafter scores only these target tokens (docs/checkpoints.md)
 
     def __post_init__(self):
         """Every field's type and range, so that a hand-edited or hostile config.json fails here in one line

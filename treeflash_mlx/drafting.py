@@ -44,7 +44,7 @@ def device_settings() -> dict[str, int]:
 
 @dataclass
 class DraftHead:
-    """The target's output projection as drafting sees it (docs/formats.md, "Sub-vocabulary").
+    """The target's output projection as drafting sees it (docs/checkpoints.md, "Sub-vocabulary").
 
     Without a sub-vocabulary the columns are the target's token ids and the target's own lm_head computes
     them. A drafter with a sub-vocabulary (FR-Spec's idea: the most frequent tokens of its training data)
