@@ -8,6 +8,7 @@ import pytest
 from conftest import save_drafter, save_target, tiny_drafter, tiny_target
 
 import treeflash_mlx.benchmark as benchmark
+from treeflash_mlx.loading import humaneval_messages
 from treeflash_mlx.benchmark import main
 
 
@@ -97,6 +98,6 @@ def test_humaneval_problems_go_through_the_chat_template(tmp_path, tokenizer):
     f = tmp_path / "HumanEval.jsonl"
     f.write_text(json.dumps({"task_id": "HumanEval/0", "prompt": "def f(x):\n    \"\"\"Double x.\"\"\"\n"}) + "\n")
     (prompt,) = benchmark.read_prompts("humaneval", f, tokenizer, 5)
-    want = tokenizer.apply_chat_template(benchmark.humaneval_messages("def f(x):\n    \"\"\"Double x.\"\"\"\n"),
+    want = tokenizer.apply_chat_template(humaneval_messages("def f(x):\n    \"\"\"Double x.\"\"\"\n"),
                                          add_generation_prompt=True)
     assert list(prompt) == list(want) and "Complete the following Python function" in tokenizer.decode(prompt)

@@ -14,7 +14,7 @@ import pytest
 from conftest import mlx_lm_greedy
 
 from treeflash_mlx import load, stream_generate
-from treeflash_mlx.benchmark import humaneval_messages
+from treeflash_mlx.loading import humaneval_messages
 
 REPO = Path(__file__).resolve().parent.parent
 DRAFTER = REPO / "demos" / "drafters" / "qwen2.5-coder-0.5b-treeflash"

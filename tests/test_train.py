@@ -172,7 +172,7 @@ def test_a_sub_vocabulary_is_the_most_frequent_answer_tokens_and_drives_training
 
 
 def test_chat_prompts_go_through_the_chat_template(setup, tokenizer):
-    from treeflash_mlx.train import read_jsonl_prompts
+    from treeflash_mlx.loading import read_jsonl_prompts
 
     _, _, _, root = setup
     f = root / "chat.jsonl"

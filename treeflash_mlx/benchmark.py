@@ -27,7 +27,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
 from .drafting import PUBLISHED_SETTINGS, device_settings
-from .loading import load
+from .loading import load, read_jsonl_prompts
 from .speculative import RoundStats, stream_generate
 from .validation import check_tree_budget, finite, integer
 from .target import Target
@@ -38,11 +38,6 @@ DEMO = Path(__file__).parent / "demo"
 TREE_MODES = ("marginal", "treeflash")
 ALL_MODES = ("ar", "draft-model", "chain", "marginal", "treeflash")
 AUTO_CANDIDATES = (4, 8, 12, 16, 24, 32, 48, 64)
-
-
-def humaneval_messages(prompt: str) -> list[dict]:
-    """A HumanEval problem as a coding assistant gets it: one user turn asking to complete the function."""
-    return [{"role": "user", "content": f"Complete the following Python function:\n```python\n{prompt}```"}]
 
 
 def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[list[int]]:
@@ -60,20 +55,7 @@ def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[li
             file = Path(name)
     if not file.is_file():
         raise FileNotFoundError(f"prompt set '{name}' is neither code, math, chat, humaneval nor a JSONL file")
-    prompts = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            if "task_id" in item and "messages" not in item and tokenizer.chat_template is not None:
-                item = {"messages": humaneval_messages(item["prompt"])}  # through the chat template
-            if "messages" in item:
-                prompts.append(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True))
-            else:
-                prompts.append(tokenizer.encode(item["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{file}:{n} is not a JSON object with a 'prompt' or 'messages' field") from err
+    prompts = read_jsonl_prompts(file, tokenizer)
     if not prompts:
         raise ValueError(f"prompt file {file} holds no prompts")
     return prompts[:count]

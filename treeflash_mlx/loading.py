@@ -1,7 +1,8 @@
-"""Loading a target and its drafter, checked against each other; where the bundled demo pair lives."""
+"""Loading a target and its drafter, checked against each other; where the bundled demo pair lives; prompt files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -48,3 +49,29 @@ def demo_paths(model: str | None, drafter: str | None) -> tuple[str, str | None]
     if not (DEMO / "target" / "config.json").is_file():
         raise FileNotFoundError(f"the demo pair is missing from {DEMO}; pass --model (and --drafter)")
     return str(DEMO / "target"), str(DEMO / "drafter")
+
+
+def humaneval_messages(prompt: str) -> list[dict]:
+    """A HumanEval problem as a coding assistant gets it: one user turn asking to complete the function."""
+    return [{"role": "user", "content": f"Complete the following Python function:\n```python\n{prompt}```"}]
+
+
+def read_jsonl_prompts(path: Path, tokenizer) -> list[list[int]]:
+    """Token prompts of a JSONL file, one a line: ``{"messages": [...]}`` through the chat template (generation
+    prompt added); a HumanEval problem (``task_id`` and ``prompt``) as ``humaneval_messages`` when the tokenizer
+    has a chat template; any other ``{"prompt": text}`` as it is."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if "task_id" in item and "messages" not in item and getattr(tokenizer, "chat_template", None):
+                item = {"messages": humaneval_messages(item["prompt"])}
+            if "messages" in item:
+                out.append(list(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True)))
+            else:
+                out.append(list(tokenizer.encode(item["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}:{n} is not a JSON object with a 'prompt' string or 'messages' list") from err
+    return out

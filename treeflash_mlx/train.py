@@ -42,7 +42,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ._cli import run_cli
 from .checkpoints import load_drafter, save_drafter, save_weights, validate
 from .drafter import Drafter, DrafterConfig
-from .loading import load
+from .loading import load, read_jsonl_prompts
 from .speculative import stream_generate
 from .target import Target
 
@@ -84,24 +84,6 @@ def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, r
         start = int(rng.integers(0, len(t) - prompt_tokens))
         prompts.append(t[start : start + prompt_tokens])
     return prompts[:count]
-
-
-def read_jsonl_prompts(path: Path, tokenizer) -> list[list[int]]:
-    """Token prompts of a JSONL file: ``{"prompt": text}`` as it is, ``{"messages": [...]}`` through the chat
-    template with the generation prompt added."""
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            if "messages" in item:
-                out.append(list(tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True)))
-            else:
-                out.append(tokenizer.encode(item["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}:{n} is not a JSON object with a 'prompt' string or 'messages' list") from err
-    return out
 
 
 def answer_with_features(model: nn.Module, prompts: list[list[int]], gen_tokens: int, layer_ids: list[int],

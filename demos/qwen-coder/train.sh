@@ -15,7 +15,7 @@ mkdir -p "$work"
 [ -f "$work/prompts.jsonl" ] || python demos/qwen-coder/make_prompts.py --out "$work/prompts.jsonl" --humaneval "$humaneval"
 [ -f "$work/eval.jsonl" ] || python - "$humaneval" "$work/eval.jsonl" <<'PY'
 import json, sys
-from treeflash_mlx.benchmark import humaneval_messages
+from treeflash_mlx.loading import humaneval_messages
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 with open(sys.argv[2], "w") as f:
     for r in rows[:8]:
