@@ -68,6 +68,7 @@ def threshold(df):
     return df + 4 * np.sqrt(2 * df)  # about a 1e-4 false-alarm rate
 
 
+@pytest.mark.slow  # ~4 minutes each: 20,000 generations
 @pytest.mark.parametrize("temp,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_first_three_tokens_follow_the_target_distribution(pair, tokenizer, temp, top_p):
     target, drafter = pair
@@ -77,6 +78,7 @@ def test_first_three_tokens_follow_the_target_distribution(pair, tokenizer, temp
     assert stat < threshold(df), f"chi-square {stat:.1f} with {df} degrees of freedom"
 
 
+@pytest.mark.slow
 def test_the_check_rejects_accepting_draft_tokens_without_the_target_sample(pair, tokenizer, monkeypatch):
     target, drafter = pair
 
