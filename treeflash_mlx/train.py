@@ -507,16 +507,16 @@ def train(args: argparse.Namespace) -> dict:
     stop_ids = set(tokenizer.eos_token_ids)
     generate_shards(model, prompts, args, ids, stop_ids, work / "shards")
     corpus = Corpus(work / "shards", len(prompts))
-    print(f"{len(corpus)} sequences, {len(corpus.answer_tokens())} answer tokens", file=sys.stderr)
+    answers = corpus.answer_tokens()
+    print(f"{len(corpus)} sequences, {len(answers)} answer tokens", file=sys.stderr)
 
     if drafter is None:
         vocab = None
         if args.sub_vocab_size:
             if not (work / "sub_vocab.npy").exists():  # fixed once training starts
                 _atomic_write(work / "sub_vocab.npy", lambda f: np.save(open(f, "wb"), sub_vocabulary(
-                    corpus.answer_tokens(), args.sub_vocab_size, target.vocab_size)))
+                    answers, args.sub_vocab_size, target.vocab_size)))
             vocab = np.load(work / "sub_vocab.npy")
-            answers = corpus.answer_tokens()
             print(f"sub-vocabulary: {len(vocab)} tokens cover {np.isin(answers, vocab).mean():.2%} of the "
                   "answer tokens", file=sys.stderr)
         drafter = new_drafter(target, args, ids, mask, vocab)
