@@ -89,9 +89,9 @@ class Target:
             mask = "causal" if n > 1 else None
             rope_positions = None
         else:
-            full = np.ones((n, offset + n), dtype=bool)
-            full[:, offset:] = parents_mask
-            mask = mx.array(full)[None, None]
+            # (1, 1, n, offset + n): every node sees the whole prefix, then its own ancestors. Built on the
+            # device from the (n, n) tree part, so the host does O(n²) work per round whatever the context.
+            mask = mx.concatenate([mx.ones((n, offset), dtype=mx.bool_), mx.array(parents_mask)], axis=1)[None, None]
             rope_positions = mx.array(positions.astype(np.int32))
         h = self.embed_tokens(tokens[None])
         features = {}
