@@ -80,3 +80,32 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED
     return 0
+
+
+DRAFTING_OPTIONS = ("tree_size", "draft_top_m", "draft_top_k", "draft_temp", "draft_vocab", "draft_window", "draft_sinks")
+
+
+def add_drafting_arguments(p: argparse.ArgumentParser) -> None:
+    """The drafting flags that generate, chat, server and benchmark share (one name each, as in the API)."""
+    from .drafting import MODES  # imported here: this module stays light for the import guard
+
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="drafting: treeflash (needs a head; default then), marginal (default for DFlash), chain, ar")
+    p.add_argument("--tree-size", type=int, default=None,
+                   help="tree node budget, root included (default: 64 on a GPU, 16 on the CPU backend)")
+    p.add_argument("--draft-top-m", type=int, default=None,
+                   help="candidate previous tokens per depth for the head (default: 16 on a GPU, 8 on the CPU)")
+    p.add_argument("--draft-top-k", type=int, default=None, help="branching: children kept per table row (16)")
+    p.add_argument("--draft-temp", type=float, default=None, help="drafter temperature, tree scores only (1.0)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="normalise the head over each depth's marginal top-K tokens, 0: the whole vocabulary "
+                        "(default: 0 on a GPU, 64 on the CPU, where it is much faster; output unchanged)")
+    p.add_argument("--draft-window", type=int, default=None,
+                   help="the drafter sees only the first --draft-sinks and the last N context positions; "
+                        "bounds its cost on long prompts (0: the whole context; output unchanged)")
+    p.add_argument("--draft-sinks", type=int, default=None, help="context positions always kept with --draft-window")
+
+
+def drafting_settings(args: argparse.Namespace) -> dict:
+    """The drafting keyword arguments of ``stream_generate`` from the flags of ``add_drafting_arguments``."""
+    return {name: getattr(args, name) for name in DRAFTING_OPTIONS}

@@ -13,8 +13,8 @@ import sys
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from ._cli import run_cli
-from .drafting import MODES, default_mode
+from ._cli import add_drafting_arguments, drafting_settings, run_cli
+from .drafting import default_mode
 from .loading import demo_paths, load
 from .prompt_cache import make_prompt_cache
 from .speculative import stream_generate
@@ -35,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--mode", choices=MODES, default=None)
-    p.add_argument("--tree-size", type=int, default=None)
-    p.add_argument("--draft-top-m", type=int, default=None)
-    p.add_argument("--draft-top-k", type=int, default=None)
-    p.add_argument("--draft-temp", type=float, default=None)
-    p.add_argument("--draft-vocab", type=int, default=None)
+    add_drafting_arguments(p)
     return p
 
 
@@ -75,8 +70,7 @@ def run(args: argparse.Namespace) -> None:
     mode = args.mode or default_mode(drafter)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    settings = dict(mode=mode, tree_size=args.tree_size, draft_top_m=args.draft_top_m, draft_top_k=args.draft_top_k,
-                    draft_temp=args.draft_temp, draft_vocab=args.draft_vocab)
+    settings = dict(mode=mode, **drafting_settings(args))
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     processors = make_logits_processors(None, args.repetition_penalty)
     start = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []

@@ -177,6 +177,77 @@ class DrafterConfig:
         }
 
 
+class ContextWindow:
+    """A drafter layer's context K/V bounded to the first ``sinks`` positions and the ``window`` most recent.
+
+    A drafter attends to its context without a causal mask, so the order of the held entries does not matter,
+    and positions stay absolute: RoPE is applied when a position is appended (``offset`` is the next one). So
+    memory and each round's attention stay at sinks + window entries however long the context grows. It only
+    changes what the drafter sees, so the trees (speed), never the output. Held entries, in order: the sinks
+    (positions ``[0, min(sinks, offset))``), then the most recent ones. Trimming the newest ``n`` positions (a
+    chat's edited turn) is exact for what is held; the window then refills as new positions are appended.
+    """
+
+    def __init__(self, sinks: int, window: int):
+        self.sinks, self.window = sinks, window
+        self.keys = self.values = None  # (1, kv_heads, held, head_dim)
+        self.offset = 0
+
+    @property
+    def held(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _keep(self, sinks: int, start: int, stop: int) -> None:
+        """Keep the first ``sinks`` held entries and the entries ``[start, stop)``."""
+        if sinks == start and stop == self.held:
+            return
+        self.keys = mx.concatenate([self.keys[..., :sinks, :], self.keys[..., start:stop, :]], axis=2)
+        self.values = mx.concatenate([self.values[..., :sinks, :], self.values[..., start:stop, :]], axis=2)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = mx.concatenate([self.keys, keys], axis=2)
+            self.values = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2]
+        sinks = min(self.sinks, self.offset)
+        self._keep(sinks, max(sinks, self.held - self.window), self.held)
+        return self.keys, self.values
+
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        return self.keys, self.values
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        if n and self.keys is not None:  # held: sinks, then the positions [offset - recent, offset)
+            sinks = min(self.sinks, self.offset)
+            self._keep(min(sinks, self.offset - n), sinks, max(sinks, self.held - n))
+        self.offset -= n
+        return n
+
+    def copy(self) -> "ContextWindow":
+        out = ContextWindow(self.sinks, self.window)
+        out.keys, out.values, out.offset = self.keys, self.values, self.offset  # arrays are immutable values
+        return out
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def context_window(cache) -> tuple[int, int]:
+    """(window, sinks) of a drafter layer's context cache; (0, 0) when it holds the whole context."""
+    return (cache.window, cache.sinks) if isinstance(cache, ContextWindow) else (0, 0)
+
+
 class Attention(nn.Module):
     """Block queries attend, without a causal mask, to the cached context K/V and to the block's own K/V."""
 
@@ -292,7 +363,10 @@ class Drafter(nn.Module):
             self.freeze(keys=["sub_vocab"], recurse=False)
         return self
 
-    def make_cache(self) -> list[KVCache]:
+    def make_cache(self, window: int = 0, sinks: int = 0) -> list[KVCache | ContextWindow]:
+        """One context cache per layer: the whole context, or (``window`` > 0) ``sinks`` + ``window`` positions."""
+        if window:
+            return [ContextWindow(sinks, window) for _ in self.model.layers]
         return [KVCache() for _ in self.model.layers]
 
     def append_context(self, features: mx.array, cache: list[KVCache]) -> None:

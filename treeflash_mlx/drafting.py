@@ -12,13 +12,16 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .drafter import Drafter
+from .drafter import Drafter, context_window
 from .sampling import log_softmax
 from .target import Target
 from .validation import check_tree_budget, finite, integer
 from .tree import DraftTree, best_first, chain, root_only
 
 MODES = ("treeflash", "marginal", "chain", "ar")
+
+
+DEFAULT_SINKS = 64  # context positions a drafter window always keeps (the first ones: attention sinks)
 
 
 @dataclass
@@ -29,6 +32,8 @@ class DraftOptions:
     top_k: int = 16  # branching: children kept per table row
     temperature: float = 1.0  # drafter temperature: shapes the tree's scores only, never the output
     head_vocab: int = 0  # >0: the head's distribution at depth d covers only the marginal top-K of depth d
+    window: int = 0  # >0: the drafter sees only the first `sinks` and the last `window` context positions
+    sinks: int = DEFAULT_SINKS
 
 
 PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0}
@@ -245,6 +250,9 @@ class Drafting:
     def make_cache(self) -> list:
         return []
 
+    def owns(self, cache: list) -> bool:
+        return True
+
     def append_context(self, features: mx.array, cache: list) -> None:
         """``features`` (n, F): the captured target features of n newly committed positions."""
 
@@ -268,7 +276,12 @@ class DrafterDrafting(Drafting):
         self.head = make_head(drafter, target)  # the sub-vocabulary's rows are gathered once, not per round
 
     def make_cache(self) -> list:
-        return self.drafter.make_cache()
+        return self.drafter.make_cache(self.opts.window, self.opts.sinks)
+
+    def owns(self, cache: list) -> bool:
+        """Whether ``cache`` (a prompt cache's drafter part) is this drafter's, with this context window."""
+        window = (self.opts.window, self.opts.sinks) if self.opts.window else (0, 0)
+        return len(cache) == len(self.drafter.model.layers) and all(context_window(c) == window for c in cache)
 
     def append_context(self, features: mx.array, cache: list) -> None:
         self.drafter.append_context(features[None], cache)
@@ -294,6 +307,8 @@ def make_drafting(
     draft_top_k: int | None = None,
     draft_temp: float | None = None,
     draft_vocab: int | None = None,
+    draft_window: int | None = None,
+    draft_sinks: int | None = None,
 ) -> Drafting:
     """The drafting of ``mode`` (default: ``default_mode(drafter)``) with its settings checked. Settings left at
     None take ``device_settings()`` (tree size, top-m, head vocabulary) or the published values."""
@@ -303,10 +318,14 @@ def make_drafting(
     given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab}
     settings = device_settings() | {k: v for k, v in given.items() if v is not None}
     opts = DraftOptions(mode, top_k=16 if draft_top_k is None else draft_top_k,
-                        temperature=1.0 if draft_temp is None else draft_temp, **settings)
+                        temperature=1.0 if draft_temp is None else draft_temp,
+                        window=0 if draft_window is None else draft_window,
+                        sinks=DEFAULT_SINKS if draft_sinks is None else draft_sinks, **settings)
     for name, value in (("tree_size", opts.tree_size), ("draft_top_m", opts.top_m), ("draft_top_k", opts.top_k)):
         integer(name, value, low=1)
     integer("draft_vocab (0: the whole vocabulary)", opts.head_vocab, low=0)
+    integer("draft_window (0: the whole context)", opts.window, low=0)
+    integer("draft_sinks", opts.sinks, low=0)
     finite("draft_temp", opts.temperature, low=0, low_open=True)
     if mode == "ar":
         return Drafting()

@@ -8,8 +8,8 @@ import sys
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from ._cli import run_cli
-from .drafting import MODES, default_mode
+from ._cli import add_drafting_arguments, drafting_settings, run_cli
+from .drafting import default_mode
 from .loading import DEMO, demo_paths, load  # noqa: F401  (DEMO: where the tests and scripts look)
 from .speculative import stream_generate, summary
 from .validation import finite, integer, utf8_text
@@ -32,17 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
-    p.add_argument("--mode", choices=MODES, default=None,
-                   help="drafting: treeflash (needs a head; default then), marginal (default for DFlash), chain, ar")
-    p.add_argument("--tree-size", type=int, default=None,
-                   help="tree node budget, root included (default: 64 on a GPU, 16 on the CPU backend)")
-    p.add_argument("--draft-top-m", type=int, default=None,
-                   help="candidate previous tokens per depth for the head (default: 16 on a GPU, 8 on the CPU)")
-    p.add_argument("--draft-top-k", type=int, default=16, help="branching: children kept per table row")
-    p.add_argument("--draft-temp", type=float, default=1.0, help="drafter temperature (tree scores only)")
-    p.add_argument("--draft-vocab", type=int, default=None,
-                   help="normalise the head over each depth's marginal top-K tokens, 0: the whole vocabulary "
-                        "(default: 0 on a GPU, 64 on the CPU, where it is much faster; output unchanged)")
+    add_drafting_arguments(p)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--system-prompt", default=None)
@@ -66,7 +56,6 @@ def check_args(args: argparse.Namespace) -> None:
     integer("--repetition-context-size", args.repetition_context_size, low=1)
     if args.seed is not None:
         integer("--seed", args.seed, low=0, high=MAX_SEED)
-    finite("--draft-temp", args.draft_temp, low=0, low_open=True)
 
 
 def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
@@ -101,8 +90,7 @@ def run(args: argparse.Namespace) -> None:
         drafter=drafter,
         sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
         logits_processors=make_logits_processors(None, args.repetition_penalty, args.repetition_context_size),
-        mode=mode, tree_size=args.tree_size, draft_top_m=args.draft_top_m, draft_top_k=args.draft_top_k,
-        draft_temp=args.draft_temp, draft_vocab=args.draft_vocab, stop_strings=args.stop,
+        mode=mode, stop_strings=args.stop, **drafting_settings(args),
     )
     text, tokens, rounds, last = "", [], {}, None
     for response in responses:

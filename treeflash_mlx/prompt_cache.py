@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 
-from .drafter import Drafter
+from .drafter import ContextWindow, Drafter
 from .drafting import Drafting
 from .target import Target
 
@@ -52,6 +52,11 @@ class PromptCache:
         def cut(layers: list, length: int) -> list:
             out = []
             for c in layers:
+                if isinstance(c, ContextWindow):
+                    copy = c.copy()
+                    copy.trim(copy.offset - length)
+                    out.append(copy)
+                    continue
                 copy = KVCache()
                 if length > 0:
                     keys, values = c.keys_and_values()
@@ -76,7 +81,7 @@ class PromptCache:
         while shared < limit and self.tokens[shared] == prompt[shared]:
             shared += 1
         if drafting.capture:
-            if self.drafter is None:
+            if self.drafter is None or not drafting.owns(self.drafter):  # none yet, or another window
                 self.drafter = drafting.make_cache()
             shared = min(shared, self.drafter_length)
         for c in self.target:
@@ -98,8 +103,27 @@ def save_prompt_cache(file_name: str, cache: PromptCache, metadata: dict[str, st
     info = dict(metadata or {})
     info.update(treeflash_format=FORMAT, treeflash_target_layers=str(len(cache.target)),
                 treeflash_tokens=json.dumps(cache.tokens))
-    layers = cache.target + (cache.drafter or [])
-    mlx_cache.save_prompt_cache(file_name, layers, info)
+    drafter = cache.drafter or []
+    windows = [(c.window, c.sinks, c.offset) for c in drafter if isinstance(c, ContextWindow)]
+    if windows:  # mlx-lm's format knows only its own classes: a window is saved as a KVCache of what it holds
+        info.update(treeflash_drafter_windows=json.dumps(windows))
+        drafter = [_as_kv_cache(c) for c in drafter]
+    mlx_cache.save_prompt_cache(file_name, cache.target + drafter, info)
+
+
+def _as_kv_cache(window: ContextWindow) -> KVCache:
+    out = KVCache()
+    if window.held:
+        out.update_and_fetch(window.keys, window.values)
+    return out
+
+
+def _as_window(held: KVCache, window: int, sinks: int, offset: int) -> ContextWindow:
+    out = ContextWindow(sinks, window)
+    if held.offset:
+        out.keys, out.values = held.keys_and_values()
+    out.offset = offset
+    return out
 
 
 def load_prompt_cache(file_name: str, return_metadata: bool = False):
@@ -115,10 +139,14 @@ def load_prompt_cache(file_name: str, return_metadata: bool = False):
     try:
         n_target = int(info.pop("treeflash_target_layers"))
         tokens = [int(t) for t in json.loads(info.pop("treeflash_tokens"))]
+        windows = json.loads(info.pop("treeflash_drafter_windows", "[]"))
+        if windows and len(windows) != len(layers) - n_target:
+            raise ValueError("one context window per drafter layer was expected")
+        drafter = [_as_window(c, int(w), int(s), int(o)) for c, (w, s, o) in zip(layers[n_target:], windows)]
     except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"'{file_name}' has damaged treeflash-mlx metadata ({err})") from err
     info.pop("treeflash_format")
-    cache = PromptCache(layers[:n_target], layers[n_target:] or None, tokens)
+    cache = PromptCache(layers[:n_target], drafter or layers[n_target:] or None, tokens)
     if not cache.target or cache.target[0].offset != len(tokens):
         raise ValueError(f"'{file_name}' is inconsistent: its target cache does not hold its tokens")
     return (cache, info) if return_metadata else cache

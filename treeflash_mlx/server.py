@@ -24,7 +24,8 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .drafting import MODES, default_mode, make_drafting
+from ._cli import add_drafting_arguments, drafting_settings
+from .drafting import default_mode, make_drafting
 from .loading import demo_paths, load
 from .prompt_cache import PromptCache, make_prompt_cache
 from .speculative import stream_generate
@@ -135,8 +136,7 @@ class Engine:
             self.tokenizer.chat_template = args.chat_template
         self.target = Target(self.model)
         self.mode = args.mode or default_mode(self.drafter)
-        self.settings = dict(mode=self.mode, tree_size=args.tree_size, draft_top_m=args.draft_top_m,
-                             draft_top_k=args.draft_top_k, draft_temp=args.draft_temp, draft_vocab=args.draft_vocab)
+        self.settings = dict(mode=self.mode, **drafting_settings(args))
         make_drafting(self.drafter, self.target, **self.settings)  # check the settings now, not per request
         self.model_names = {"default_model", args.model or "treeflash-demo", str(model_path),
                             str(self.model.model_path)}
@@ -627,13 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-size", type=int, default=10, help="conversations whose caches are kept")
     p.add_argument("--prompt-cache-bytes", type=parse_size, default=parse_size("2G"),
                    help="bound on the kept caches' memory (default: 2G)")
-    p.add_argument("--mode", choices=MODES, default=None,
-                   help="drafting: treeflash (needs a head; default then), marginal (default for DFlash), chain, ar")
-    p.add_argument("--tree-size", type=int, default=None, help="tree node budget (default: by device)")
-    p.add_argument("--draft-top-m", type=int, default=None, help="candidate previous tokens per depth")
-    p.add_argument("--draft-top-k", type=int, default=None, help="branching: children kept per table row")
-    p.add_argument("--draft-temp", type=float, default=None, help="drafter temperature (tree scores only)")
-    p.add_argument("--draft-vocab", type=int, default=None, help="head vocabulary per depth, 0: whole")
+    add_drafting_arguments(p)
     return p
 
 

@@ -228,6 +228,8 @@ def stream_generate(
     draft_top_k: int | None = None,
     draft_temp: float | None = None,
     draft_vocab: int | None = None,
+    draft_window: int | None = None,
+    draft_sinks: int | None = None,
     stats: RoundStats | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` exactly as the target alone would (in distribution; greedy: token for token).
@@ -236,8 +238,10 @@ def stream_generate(
     keyword (without one: plain decoding). ``sampler`` and ``logits_processors`` follow mlx-lm (``make_sampler``,
     ``make_logits_processors``); processors see, for each tree node, the committed tokens and that node's own
     path as history. ``prompt_cache``: see ``make_prompt_cache``. The drafting settings (``mode``,
-    ``tree_size``, ``draft_top_m``, ``draft_top_k``, ``draft_temp``, ``draft_vocab``) change the speed, never
-    the output; left at None they take ``drafting.device_settings()`` and the published values. ``drafter`` may
+    ``tree_size``, ``draft_top_m``, ``draft_top_k``, ``draft_temp``, ``draft_vocab``, ``draft_window``,
+    ``draft_sinks``) change the speed, never the output; left at None they take ``drafting.device_settings()``
+    and the published values (``draft_window`` 0: the drafter sees the whole context; N: only the first
+    ``draft_sinks`` positions and the N most recent). ``drafter`` may
     also be a ready ``drafting.Drafting`` object, which carries its own settings. ``stats`` collects a
     per-stage profile (at the cost of a sync per stage). ``stop_strings``: one string or several; the text
     ends before the first one found. A seed (``mx.random.seed``) pins the sampled output whatever the mode and
@@ -245,7 +249,7 @@ def stream_generate(
     (``sampling.PositionKeys``). A context too short for ``max_tokens`` warns (``ContextLimitWarning``).
     """
     settings = dict(tree_size=tree_size, draft_top_m=draft_top_m, draft_top_k=draft_top_k, draft_temp=draft_temp,
-                    draft_vocab=draft_vocab)
+                    draft_vocab=draft_vocab, draft_window=draft_window, draft_sinks=draft_sinks)
     if isinstance(drafter, Drafting):
         given = [name for name, value in settings.items() if value is not None] + (["mode"] if mode else [])
         if given:
