@@ -101,3 +101,29 @@ def test_humaneval_problems_go_through_the_chat_template(tmp_path, tokenizer):
     want = tokenizer.apply_chat_template(humaneval_messages("def f(x):\n    \"\"\"Double x.\"\"\"\n"),
                                          add_generation_prompt=True)
     assert list(prompt) == list(want) and "Complete the following Python function" in tokenizer.decode(prompt)
+
+
+def test_the_long_set_reports_every_mode_at_every_prompt_length(models, tmp_path, capsys):
+    target, drafter, _ = models
+    code = main(["--model", str(target), "--drafter", str(drafter), "--prompts", "long", "--context-lengths",
+                 "96,48", "--num-prompts", "1", "--max-tokens", "8", "--modes", "ar,treeflash", "--draft-window", "32",
+                 "--output", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [c["context_tokens"] for c in report["contexts"]] == [48, 96]
+    for context in report["contexts"]:
+        rows = {r["mode"]: r for r in context["results"]}
+        assert list(rows) == ["ar", "treeflash"] and all(r["lossless"] for r in rows.values())
+        assert rows["ar"]["drafter_mb"] == 0 < rows["treeflash"]["drafter_mb"]
+        assert all(r["peak_memory_gb"] > 0 for r in rows.values())
+        assert context["verify_costs_prefix"] == context["context_tokens"] + 4
+    assert "## prompts of 48 tokens" in out.out and "| treeflash | 96 |" in out.out
+
+
+def test_long_prompts_must_fit_the_models_context(models, capsys):
+    target, drafter, _ = models
+    code = main(["--model", str(target), "--drafter", str(drafter), "--prompts", "long", "--context-lengths", "4000",
+                 "--max-tokens", "200", "--modes", "ar,treeflash"])
+    assert code == 1
+    assert "exceed the model's context of 4096 tokens" in capsys.readouterr().err

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
-from .drafting import PUBLISHED_SETTINGS, device_settings
+from .drafting import PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
 from .loading import load, read_jsonl_prompts
+from .prompt_cache import make_prompt_cache
 from .speculative import RoundStats, stream_generate
 from .validation import check_tree_budget, finite, integer
 from .target import Target
@@ -38,6 +40,34 @@ DEMO = Path(__file__).parent / "demo"
 TREE_MODES = ("marginal", "treeflash")
 ALL_MODES = ("ar", "draft-model", "chain", "marginal", "treeflash")
 AUTO_CANDIDATES = (4, 8, 12, 16, 24, 32, 48, 64)
+
+
+# Long-context sources: real code any Python installation has. A prompt is one file's start (then the next
+# files, when it is shorter than the longest length asked), to be continued by the model.
+LONG_SOURCES = ("argparse.py", "textwrap.py", "json/decoder.py", "difflib.py", "configparser.py", "statistics.py",
+                "fractions.py", "calendar.py", "shlex.py", "heapq.py", "string.py", "csv.py", "bisect.py", "glob.py",
+                "ipaddress.py", "pprint.py")
+
+
+def long_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens from the standard library's sources (``LONG_SOURCES``)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(root / name).read_text(encoding="utf-8") for name in LONG_SOURCES if (root / name).is_file()]
+    if not texts:
+        raise FileNotFoundError(f"the 'long' prompt set reads the standard library's sources, none found in {root}")
+    prompts = []
+    for i in range(count):
+        tokens: list[int] = []
+        for j in range(len(texts)):  # file i first, then the following ones until the length is reached
+            tokens += tokenizer.encode(texts[(i + j) % len(texts)])
+            if len(tokens) >= length:
+                break
+        if len(tokens) < length:
+            raise ValueError(f"the standard library's sources give only {len(tokens)} tokens; ask for at most that")
+        prompts.append(tokens[:length])
+    return prompts
 
 
 def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[list[int]]:
@@ -96,8 +126,12 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: d
     stage ends in a sync (see ``RoundStats``), so such runs give the time split and the accepted paths, and
     the runs without it give the speed."""
     stats = RoundStats() if profile else None
-    responses = list(stream_generate(model, tokenizer, prompt, args.max_tokens, drafter=drafter, sampler=sampler,
-                                     mode=mode, stats=stats, **settings))
+    drafting = make_drafting(drafter, Target(model), mode, **settings)
+    cache = make_prompt_cache(model)
+    mx.reset_peak_memory()
+    responses = list(stream_generate(model, tokenizer, prompt, args.max_tokens, drafter=drafting, sampler=sampler,
+                                     prompt_cache=cache, stats=stats))
+    peak = mx.get_peak_memory()
     tokens = [r.token for r in responses]
     if responses[-1].finish_reason == "stop" and tokens[-1] in tokenizer.eos_token_ids:
         tokens = tokens[:-1]  # mlx-lm does not emit the end-of-sequence token
@@ -107,11 +141,21 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: d
             "generated": last.generation_tokens, "taus": taus,
             "nodes": [n for n, _ in stats.rounds] if stats else [],
             "paths": [path for _, path in stats.rounds] if stats else [],
-            "stages": stats.seconds if stats else {}}
+            "stages": stats.seconds if stats else {}, "peak_memory": peak,
+            "drafter_bytes": drafter_bytes(drafting) + sum(c.nbytes for c in cache.drafter or [])}
+
+
+def drafter_bytes(drafting) -> int:
+    """The drafter's own memory: its weights and the rows of the target's head it gathered (sub-vocabulary)."""
+    if not isinstance(drafting, DrafterDrafting):
+        return 0
+    weights = sum(v.nbytes for _, v in tree_flatten(drafting.drafter.parameters()))
+    return weights + (drafting.head.weight.nbytes if drafting.head.ids is not None else 0)
 
 
 def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
     kwargs = {"draft_model": draft_model, "num_draft_tokens": args.num_draft_tokens} if draft_model else {}
+    mx.reset_peak_memory()
     responses = list(mlx_lm_stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                             **kwargs))
     tokens = [r.token for r in responses if r.finish_reason is None or r.token not in tokenizer.eos_token_ids]
@@ -124,7 +168,8 @@ def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
             run = 0
     return {"tokens": tokens, "seconds": last.generation_tokens / last.generation_tps,
             "generated": last.generation_tokens, "taus": taus or [1],
-            "nodes": [args.num_draft_tokens + 1 if draft_model else 1], "paths": [], "stages": {}}
+            "nodes": [args.num_draft_tokens + 1 if draft_model else 1], "paths": [], "stages": {},
+            "peak_memory": mx.get_peak_memory(), "drafter_bytes": 0}
 
 
 def auto_tree_size(runs: list[dict], costs: dict[str, float], draft_seconds: float) -> tuple[int, dict]:
@@ -167,7 +212,9 @@ def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[d
     return {"mode": mode, "mean_acceptance_length": tau, "tokens_per_s": tps, "speedup_vs_ar": tps / ar_tps,
             "ideal_speedup": ideal, "efficiency": (tps / ar_tps) / ideal, "nodes_per_round": float(np.mean(nodes)) if nodes else None,
             "ms_per_round": stages if profiles else None, "lossless": lossless, "taus": taus,
-            "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs]}
+            "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs],
+            "peak_memory_gb": max(r["peak_memory"] for r in runs) / 1e9,
+            "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6}
 
 
 def markdown(results: list[dict]) -> str:
@@ -273,7 +320,14 @@ def run(args: argparse.Namespace) -> None:
     draft_model = load(args.draft_model)[0] if "draft-model" in modes else None
     if any(base_mode(m) == "treeflash" for m in modes) and drafter is not None and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head")
-    prompts = read_prompts(args.prompts, args.prompts_file, tokenizer, args.num_prompts)
+    if args.prompts == "long":
+        context = Target(model).max_context
+        if context is not None and max(args.context_lengths) + args.max_tokens > context:
+            raise ValueError(f"--context-lengths up to {max(args.context_lengths)} plus --max-tokens "
+                             f"{args.max_tokens} exceed the model's context of {context} tokens; shorten them")
+        prompts = long_prompts(tokenizer, args.num_prompts, max(args.context_lengths))
+    else:
+        prompts = read_prompts(args.prompts, args.prompts_file, tokenizer, args.num_prompts)
     if args.tree_size != "auto":  # refused before the verification costs build trees of that size
         for m in (m for m in modes if m in TREE_MODES):
             check_tree_budget(int(args.tree_size), m, drafter.args.block_size, args.draft_top_m, 16,
@@ -281,14 +335,46 @@ def run(args: argparse.Namespace) -> None:
                               model.args.num_attention_heads, hidden_size=model.args.hidden_size,
                               head_vocab=args.draft_vocab)
     sampler = make_sampler(args.temp)
-    mx.random.seed(args.seed)
+    if args.prompts != "long":
+        groups = [(None, prompts)]
+    else:
+        groups = [(n, [p[:n] for p in prompts]) for n in args.context_lengths]
+    report = {"model": args.model, "drafter": args.drafter, "draft_model": args.draft_model, "prompts": args.prompts,
+              "num_prompts": len(prompts), "max_tokens": args.max_tokens, "temp": args.temp,
+              "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab}
+    measured = []
+    for context, group in groups:
+        if context is not None:
+            print(f"\n## prompts of {context} tokens", flush=True)
+        mx.random.seed(args.seed)
+        measured.append(compare(model, tokenizer, drafter, draft_model, group, list(modes), args, sampler))
+        print_group(measured[-1], args)
+    if len(groups) > 1:
+        print("\n" + context_table([c for c, _ in groups], measured))
+    if any(r["lossless"] is False for m in measured for r in m["results"]):
+        print("\nWARNING: a speculative mode's greedy output differs from plain decoding", file=sys.stderr)
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        if len(groups) == 1:
+            report.update(measured[0])
+        else:
+            report["contexts"] = [{"context_tokens": c, **m} for (c, _), m in zip(groups, measured)]
+        (args.output / "results.json").write_text(json.dumps(report, indent=2))
+        plots = plot(measured[-1]["results"], measured[-1]["verify_costs_s"], args.output)
+        print(f"\nwrote {args.output / 'results.json'}" + (f" and {', '.join(plots)}" if plots else ""))
+
+
+def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sampler) -> dict:
+    """Every mode on ``prompts``, interleaved prompt by prompt: the rows of the report and what backs them."""
+    window = {"draft_window": args.draft_window, "draft_sinks": args.draft_sinks}
 
     def settings(mode: str, tree_size: int) -> dict:
         """stream_generate's drafting keywords for a mode."""
         if mode.endswith("@published"):
             p = PUBLISHED_SETTINGS
-            return {"tree_size": p["tree_size"], "draft_top_m": p["top_m"], "draft_vocab": p["head_vocab"]}
-        return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab}
+            return {"tree_size": p["tree_size"], "draft_top_m": p["top_m"], "draft_vocab": p["head_vocab"],
+                    **window}
+        return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab, **window}
 
     def once(mode: str, prompt, tree_size: int, profile: bool = False) -> dict:
         if mode in ("ar", "draft-model"):
@@ -355,29 +441,54 @@ def run(args: argparse.Namespace) -> None:
                for m in modes]
     for r in results:
         r["tree_size"] = tree_sizes.get(r["mode"])
+    return {"results": results, "verify_costs_s": costs, "verify_costs_prefix": prefix, "tree_size_auto": choice,
+            "tree_sizes": tree_sizes}
+
+
+def print_group(measured: dict, args: argparse.Namespace) -> None:
+    """The table of one prompt group, the drafting settings, the auto choice and the verification costs."""
+    results, costs, choice, tree_sizes = (measured[k] for k in ("results", "verify_costs_s", "tree_size_auto",
+                                                                 "tree_sizes"))
     print(markdown(results))
     if tree_sizes:
         print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, tree budget "
               + ", ".join(f"{m} {n}" for m, n in tree_sizes.items())
-              + (f" (@published: {PUBLISHED_SETTINGS})" if any(m.endswith("@published") for m in modes) else ""))
+              + (f" (@published: {PUBLISHED_SETTINGS})" if any(m.endswith("@published") for m in tree_sizes) else ""))
     if choice:
         print(f"\n--tree-size auto chose {choice['tree_size']} for {choice['mode']}: "
               + ", ".join(f"n={n}: τ {v['tau']:.2f}, predicted {v['predicted_speedup']:.2f}x"
                           for n, v in choice["candidates"].items()))
     if len(costs) > 1:
-        print(f"\nverify cost / one mlx-lm step after {prefix} tokens: "
+        print(f"\nverify cost / one mlx-lm step after {measured['verify_costs_prefix']} tokens: "
               + ", ".join(f"{k} {v / costs['step']:.2f}x" for k, v in costs.items() if k != "step"))
-    if any(r["lossless"] is False for r in results):
-        print("\nWARNING: a speculative mode's greedy output differs from plain decoding", file=sys.stderr)
-    if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        report = {"model": args.model, "drafter": args.drafter, "draft_model": args.draft_model,
-                  "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-                  "temp": args.temp, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab,
-                  "verify_costs_s": costs, "verify_costs_prefix": prefix, "tree_size_auto": choice, "results": results}
-        (args.output / "results.json").write_text(json.dumps(report, indent=2))
-        plots = plot(results, costs, args.output)
-        print(f"\nwrote {args.output / 'results.json'}" + (f" and {', '.join(plots)}" if plots else ""))
+
+
+def context_table(contexts: list[int], measured: list[dict]) -> str:
+    """Speed-up, τ, round cost and peak memory of every mode at every prompt length, side by side."""
+    lines = ["| mode | prompt tokens | τ | speed-up vs ar | vs its speed-up at the shortest | ms per plain step | "
+             "ms per round | peak GB | of it drafter MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    first = {r["mode"]: r["speedup_vs_ar"] for r in measured[0]["results"]}
+    for mode in first:
+        for n, m in zip(contexts, measured):
+            r = next((r for r in m["results"] if r["mode"] == mode), None)
+            if r is None:
+                continue
+            split = r["ms_per_round"]
+            lines.append(f"| {mode} | {n} | {r['mean_acceptance_length']:.2f} | {r['speedup_vs_ar']:.2f}x | "
+                         f"{r['speedup_vs_ar'] / first[mode]:.2f} | {1e3 * m['verify_costs_s']['step']:.1f} | "
+                         f"{f'{sum(split.values()):.1f}' if split else '-'} | {r['peak_memory_gb']:.2f} | "
+                         f"{r['drafter_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"every length must be at least 1 token, got {text!r}")
+    return sorted(set(lengths))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,7 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="target (default: the bundled demo pair)")
     p.add_argument("--drafter", default=None)
     p.add_argument("--draft-model", default=None, help="small autoregressive model for mlx-lm's speculative mode")
-    p.add_argument("--prompts", default="code", help="code, math, chat, humaneval or a JSONL file")
+    p.add_argument("--prompts", default="code",
+                   help="code, math, chat, humaneval, long (standard-library sources to continue, at each of "
+                        "--context-lengths) or a JSONL file")
+    p.add_argument("--context-lengths", type=_lengths, default=[512, 1024, 2048],
+                   help="prompt lengths in tokens for --prompts long, comma-separated (default 512,1024,2048)")
     p.add_argument("--prompts-file", type=Path, default=None, help="JSONL file for the set (e.g. HumanEval.jsonl)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--modes", default=",".join(ALL_MODES),
@@ -398,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round for draft-model")
     p.add_argument("--draft-top-m", type=int, default=None, help="as in generate: candidate previous tokens per depth")
     p.add_argument("--draft-vocab", type=int, default=None, help="as in generate: head over the marginal top-K")
+    p.add_argument("--draft-window", type=int, default=None, help="as in generate: drafter context window")
+    p.add_argument("--draft-sinks", type=int, default=None, help="as in generate: positions kept with the window")
     p.add_argument("--profile-prompts", type=int, default=2,
                    help="prompts run once more with a sync after every stage, for the time split (0: none)")
     p.add_argument("--seed", type=int, default=0)
