@@ -81,7 +81,7 @@ def test_published_settings_run_beside_the_device_defaults(models, tmp_path, cap
     assert list(rows) == ["ar", "treeflash", "treeflash@published", "marginal@8"]
     assert rows["treeflash@published"]["tree_size"] == 64 and rows["marginal@8"]["tree_size"] == 8
     assert all(r["lossless"] for r in rows.values())
-    assert "@published: {'tree_size': 64, 'top_m': 16, 'head_vocab': 0}" in table
+    assert "@published: {'tree_size': 64, 'top_m': 16, 'head_vocab': 0, 'window': 0}" in table
 
 
 def test_plain_decoding_alone_reports_only_what_it_measured(models, tmp_path, capsys):

@@ -99,9 +99,39 @@ def test_a_prompt_cache_keeps_its_window_across_turns_and_through_a_file(pair, t
         assert context_window(b) == (10, 3) and b.offset == a.offset and mx.array_equal(a.keys, b.keys)
     # A generation with another window replaces the drafter part rather than mixing two windows.
     prompt = conversation + [7, 8, 9]
-    got = [r.token for r in stream_generate(target, tokenizer, prompt, 8, drafter=drafter, prompt_cache=loaded)]
+    got = [r.token for r in stream_generate(target, tokenizer, prompt, 8, drafter=drafter, prompt_cache=loaded,
+                                            draft_window=20, draft_sinks=3)]
     assert got == mlx_lm_greedy(target, prompt, 8)
-    assert all(context_window(c) == (0, 0) for c in loaded.drafter)
+    assert all(context_window(c) == (20, 3) for c in loaded.drafter)
+
+
+def test_a_whole_context_prompt_cache_is_cut_to_the_window_and_keeps_its_reuse(pair, tokenizer):
+    target, drafter = pair
+    cache = make_prompt_cache(target, drafter)
+    prompt = random_prompts(1, seed=15)[0] * 3
+    first = [r.token for r in stream_generate(target, tokenizer, prompt, 8, drafter=drafter, prompt_cache=cache,
+                                              draft_window=0)]
+    whole = [c.keys_and_values()[0] for c in cache.drafter]
+    n = cache.drafter[0].offset
+    follow = prompt + first + [3, 4]
+    responses = list(stream_generate(target, tokenizer, follow, 8, drafter=drafter, prompt_cache=cache,
+                                     draft_window=12, draft_sinks=2))
+    assert [r.token for r in responses] == mlx_lm_greedy(target, follow, 8)
+    assert responses[-1].cached_tokens == n  # the target's cache was reused although the drafter's changed kind
+    for c, keys in zip(cache.drafter, whole):  # the sinks came from the whole-context cache
+        assert context_window(c) == (12, 2) and c.held == 14 and mx.array_equal(c.keys[..., :2, :], keys[..., :2, :])
+
+
+def test_cutting_a_whole_context_cache_keeps_the_sinks_and_the_most_recent_positions():
+    from mlx_lm.models.cache import KVCache
+
+    whole = KVCache()
+    positions = mx.arange(30, dtype=mx.float32)
+    kv = mx.broadcast_to(positions[None, None, :, None], (1, 2, 30, 4))
+    whole.update_and_fetch(kv, kv)
+    cut = ContextWindow.of_whole(whole, sinks=4, window=10)
+    assert cut.offset == 30 and held_positions(cut) == [0, 1, 2, 3, *range(20, 30)]
+    assert held_positions(ContextWindow.of_whole(whole, sinks=4, window=100)) == list(range(30))
 
 
 def test_bad_window_settings_are_refused_in_one_line(pair):

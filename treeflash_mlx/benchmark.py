@@ -373,7 +373,7 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
         if mode.endswith("@published"):
             p = PUBLISHED_SETTINGS
             return {"tree_size": p["tree_size"], "draft_top_m": p["top_m"], "draft_vocab": p["head_vocab"],
-                    **window}
+                    "draft_window": p["window"]}
         return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab, **window}
 
     def once(mode: str, prompt, tree_size: int, profile: bool = False) -> dict:

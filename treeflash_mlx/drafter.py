@@ -230,6 +230,17 @@ class ContextWindow:
         self.offset -= n
         return n
 
+    @classmethod
+    def of_whole(cls, cache: KVCache, sinks: int, window: int) -> "ContextWindow":
+        """The window of a cache that holds the whole context (positions 0 .. offset-1): exact."""
+        out = cls(sinks, window)
+        if cache.offset:
+            out.keys, out.values = cache.keys_and_values()
+            out.offset = cache.offset
+            kept = min(sinks, out.offset)
+            out._keep(kept, max(kept, out.held - window), out.held)
+        return out
+
     def copy(self) -> "ContextWindow":
         out = ContextWindow(self.sinks, self.window)
         out.keys, out.values, out.offset = self.keys, self.values, self.offset  # arrays are immutable values

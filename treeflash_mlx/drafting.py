@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .drafter import Drafter, context_window
+from .drafter import ContextWindow, Drafter, context_window
 from .sampling import log_softmax
 from .target import Target
 from .validation import check_tree_budget, finite, integer
@@ -36,14 +36,15 @@ class DraftOptions:
     sinks: int = DEFAULT_SINKS
 
 
-PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0}
-CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64}
+PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0, "window": 0}
+CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64, "window": 1024}
 
 
 def device_settings() -> dict[str, int]:
-    """Defaults for the budget, top-m and head vocabulary: the published ones on a GPU; on the CPU backend
-    the fastest measured on the demo pair (README), since there every verified node and the head's exp over
-    the vocabulary cost far more. They shape the tree only, never the output."""
+    """Defaults for the budget, top-m, head vocabulary and drafter window: the published ones on a GPU (the
+    drafter sees the whole context); on the CPU backend the fastest measured on the demo pair (README), since
+    there every verified node and the head's exp over the vocabulary cost far more, and a 1024-position drafter
+    window (with the sinks) bounds the drafter's cost on long prompts. They shape the tree only, never the output."""
     return dict(CPU_SETTINGS if mx.default_device() == mx.cpu else PUBLISHED_SETTINGS)
 
 
@@ -250,8 +251,9 @@ class Drafting:
     def make_cache(self) -> list:
         return []
 
-    def owns(self, cache: list) -> bool:
-        return True
+    def adopt(self, cache: list | None) -> list:
+        """The drafter part of a prompt cache, made fit for this drafting (see ``DrafterDrafting``)."""
+        return cache if cache is not None else self.make_cache()
 
     def append_context(self, features: mx.array, cache: list) -> None:
         """``features`` (n, F): the captured target features of n newly committed positions."""
@@ -278,10 +280,18 @@ class DrafterDrafting(Drafting):
     def make_cache(self) -> list:
         return self.drafter.make_cache(self.opts.window, self.opts.sinks)
 
-    def owns(self, cache: list) -> bool:
-        """Whether ``cache`` (a prompt cache's drafter part) is this drafter's, with this context window."""
+    def adopt(self, cache: list | None) -> list:
+        """A prompt cache's drafter part made fit for this drafting: kept when it has this context window, cut
+        to the window when it holds the whole context (exact), else replaced by an empty one (whose context the
+        prompt cache then prefills again)."""
         window = (self.opts.window, self.opts.sinks) if self.opts.window else (0, 0)
-        return len(cache) == len(self.drafter.model.layers) and all(context_window(c) == window for c in cache)
+        if cache is None or len(cache) != len(self.drafter.model.layers):
+            return self.make_cache()
+        if all(context_window(c) == window for c in cache):
+            return cache
+        if window[0] and all(context_window(c) == (0, 0) for c in cache):
+            return [ContextWindow.of_whole(c, self.opts.sinks, self.opts.window) for c in cache]
+        return self.make_cache()
 
     def append_context(self, features: mx.array, cache: list) -> None:
         self.drafter.append_context(features[None], cache)
@@ -311,15 +321,14 @@ def make_drafting(
     draft_sinks: int | None = None,
 ) -> Drafting:
     """The drafting of ``mode`` (default: ``default_mode(drafter)``) with its settings checked. Settings left at
-    None take ``device_settings()`` (tree size, top-m, head vocabulary) or the published values."""
+    None take ``device_settings()`` (tree size, top-m, head vocabulary, window) or the published values."""
     mode = mode or default_mode(drafter)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab}
+    given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab, "window": draft_window}
     settings = device_settings() | {k: v for k, v in given.items() if v is not None}
     opts = DraftOptions(mode, top_k=16 if draft_top_k is None else draft_top_k,
                         temperature=1.0 if draft_temp is None else draft_temp,
-                        window=0 if draft_window is None else draft_window,
                         sinks=DEFAULT_SINKS if draft_sinks is None else draft_sinks, **settings)
     for name, value in (("tree_size", opts.tree_size), ("draft_top_m", opts.top_m), ("draft_top_k", opts.top_k)):
         integer(name, value, low=1)

@@ -81,8 +81,7 @@ class PromptCache:
         while shared < limit and self.tokens[shared] == prompt[shared]:
             shared += 1
         if drafting.capture:
-            if self.drafter is None or not drafting.owns(self.drafter):  # none yet, or another window
-                self.drafter = drafting.make_cache()
+            self.drafter = drafting.adopt(self.drafter)  # none yet, or made for another window
             shared = min(shared, self.drafter_length)
         for c in self.target:
             c.trim(c.offset - shared)
