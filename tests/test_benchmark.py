@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -10,6 +11,10 @@ from conftest import save_drafter, save_target, tiny_drafter, tiny_target
 import treeflash_mlx.benchmark as benchmark
 from treeflash_mlx.loading import humaneval_messages
 from treeflash_mlx.benchmark import main
+from treeflash_mlx.convert import export
+
+needs_peer = pytest.mark.skipif(importlib.util.find_spec("dflash_mlx") is None,
+                                reason="the peer dflash-mlx is not installed (pip install 'treeflash-mlx[peers]')")
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +132,53 @@ def test_long_prompts_must_fit_the_models_context(models, capsys):
                  "--max-tokens", "200", "--modes", "ar,treeflash"])
     assert code == 1
     assert "exceed the model's context of 4096 tokens" in capsys.readouterr().err
+
+
+@needs_peer
+def test_the_peer_runs_interleaved_with_ours_on_the_same_drafter(models, tmp_path, capsys):
+    table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain,dflash-mlx,dflash-mlx-ddtree",
+                          "--profile-prompts", "0")
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == ["ar", "chain", "dflash-mlx", "dflash-mlx-ddtree"]
+    assert all(r["lossless"] for r in rows.values()) and table.count("| yes |") == 4
+    for mode in ("dflash-mlx", "dflash-mlx-ddtree"):
+        r = rows[mode]
+        assert r["tokens_per_s"] > 0 and r["drafter_mb"] > 0 and r["ideal_speedup"] is None
+        assert sum(r["taus"]) == sum(rows["chain"]["taus"]), "cycles count the tokens they kept, as ours"
+    # the same drafter drafting the same greedy chain: the same acceptance, round by round
+    assert rows["dflash-mlx"]["taus"] == rows["chain"]["taus"]
+
+
+@needs_peer
+def test_the_peer_takes_a_dflash_layout_drafter(models, tmp_path, capsys):
+    peer = export(models[1], tmp_path / "dflash", layout="dflash")
+    table, report = bench(capsys, models, tmp_path, "--modes", "dflash-mlx", "--peer-drafter", peer,
+                          "--num-prompts", "1")
+    assert [r["mode"] for r in report["results"]] == ["ar", "dflash-mlx"]
+    assert report["results"][1]["lossless"] is True
+
+
+def test_the_peer_modes_fail_up_front_when_they_cannot_run(models, capsys, monkeypatch):
+    target, drafter, _ = models
+    real = importlib.util.find_spec
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec",
+                        lambda name: None if name == "dflash_mlx" else real(name))
+    assert main(["--model", str(target), "--drafter", str(drafter), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install dflash-mlx" in err, err
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: object())
+    assert main(["--model", str(target), "--drafter", str(drafter), "--modes", "dflash-mlx-ddtree",
+                 "--temp", "0.7"]) == 1
+    assert "greedy only" in capsys.readouterr().err
+    assert main(["--model", str(target), "--modes", "dflash-mlx"]) == 1
+    assert "need --drafter (exported to the DFlash layout) or --peer-drafter" in capsys.readouterr().err
+
+
+@needs_peer
+def test_the_peer_refuses_a_sub_vocabulary_drafter(models, tmp_path, capsys):
+    target = tiny_target("qwen3", seed=4)
+    drafter = save_drafter(tiny_drafter(target, block_size=6, sub_vocab=[3, 1, 4]), tmp_path / "sub")
+    assert main(["--model", str(models[0]), "--drafter", str(drafter), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dflash-mlx modes run --drafter in the DFlash layout" in err, err
+    assert "sub-vocabulary of 3 tokens" in err
