@@ -231,7 +231,8 @@ def run_peer(peer: dict, tokenizer, prompt, mode: str, args) -> dict:
     return {"tokens": tokens, "seconds": (summary.elapsed_us - summary.phase_timings_us["prefill"]) / 1e6,
             "generated": summary.generation_tokens,
             "taus": kept_taus([a + 1 for a in summary.acceptance_history], summary.generation_tokens - 1),
-            "nodes": [], "paths": [], "stages": {}, "peak_memory": mx.get_peak_memory(), "drafter_bytes": weights}
+            "nodes": [], "paths": [], "stages": {}, "peak_memory": mx.get_peak_memory(), "drafter_bytes": weights,
+            "copied_rounds": summary.copyspec_hits}  # cycles that verified a copy from the context, not the drafter's
 
 
 def kept_taus(taus: list[int], kept: int) -> list[int]:
@@ -289,7 +290,8 @@ def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[d
             "ms_per_round": stages if profiles else None, "lossless": lossless, "taus": taus,
             "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs],
             "peak_memory_gb": max(r["peak_memory"] for r in runs) / 1e9,
-            "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6}
+            "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6,
+            **({"copied_rounds": sum(r["copied_rounds"] for r in runs)} if "copied_rounds" in runs[0] else {})}
 
 
 def markdown(results: list[dict]) -> str:
