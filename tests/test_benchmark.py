@@ -175,13 +175,17 @@ def test_the_peer_modes_fail_up_front_when_they_cannot_run(models, capsys, monke
 
 
 @needs_peer
-def test_the_peer_refuses_a_sub_vocabulary_drafter(models, tmp_path, capsys):
+def test_the_peer_refuses_drafters_it_cannot_run(models, tmp_path, capsys):
     target = tiny_target("qwen3", seed=4)
     drafter = save_drafter(tiny_drafter(target, block_size=6, sub_vocab=[3, 1, 4]), tmp_path / "sub")
     assert main(["--model", str(models[0]), "--drafter", str(drafter), "--modes", "dflash-mlx"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "dflash-mlx modes run --drafter in the DFlash layout" in err, err
     assert "sub-vocabulary of 3 tokens" in err
+    layout = save_drafter(tiny_drafter(target, block_size=6, head=False), tmp_path / "no-tie", layout="dflash")
+    assert main(["--model", str(models[0]), "--peer-drafter", str(layout), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tie_word_embeddings" in err and "--export --layout dflash" in err, err
 
 
 @needs_peer

@@ -203,8 +203,12 @@ def load_peer(model_path: str, args: argparse.Namespace) -> dict:
             drafter = args.peer_drafter or export(args.drafter, Path(tmp) / "dflash", layout="dflash")
         except ValueError as err:
             raise ValueError(f"the dflash-mlx modes run --drafter in the DFlash layout: {err}") from err
-        bundle = load_runtime_bundle(model_ref=model_path, draft_ref=str(drafter), verify_config=VerifyConfig("dflash"),
-                                     lazy=False)  # read now: the temporary export goes away
+        try:
+            bundle = load_runtime_bundle(model_ref=model_path, draft_ref=str(drafter),
+                                         verify_config=VerifyConfig("dflash"), lazy=False)  # read now: tmp goes away
+        except (TypeError, KeyError) as err:  # its config reader's own errors
+            raise ValueError(f"dflash-mlx cannot load the drafter '{drafter}' ({err}); write it with "
+                             "python -m treeflash_mlx.convert --export --layout dflash") from err
     window = {"draft_window_size": args.draft_window or 1 << 30,  # its cache grows by concatenation: no allocation
               "draft_sink_size": DEFAULT_SINKS if args.draft_sinks is None else args.draft_sinks}
     contexts = {m: build_offline_runtime_context(verify_mode=v, **window) for m, v in PEER_MODES.items()}
