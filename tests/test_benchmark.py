@@ -175,7 +175,7 @@ def test_the_peer_modes_fail_up_front_when_they_cannot_run(models, capsys, monke
 
 
 @needs_peer
-def test_the_peer_refuses_drafters_it_cannot_run(models, tmp_path, capsys):
+def test_the_peer_refuses_what_it_cannot_run_in_one_line(models, tmp_path, capsys):
     target = tiny_target("qwen3", seed=4)
     drafter = save_drafter(tiny_drafter(target, block_size=6, sub_vocab=[3, 1, 4]), tmp_path / "sub")
     assert main(["--model", str(models[0]), "--drafter", str(drafter), "--modes", "dflash-mlx"]) == 1
@@ -186,6 +186,10 @@ def test_the_peer_refuses_drafters_it_cannot_run(models, tmp_path, capsys):
     assert main(["--model", str(models[0]), "--peer-drafter", str(layout), "--modes", "dflash-mlx"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "tie_word_embeddings" in err and "--export --layout dflash" in err, err
+    llama = save_target(tiny_target("llama", seed=4), tmp_path / "llama")
+    assert main(["--model", str(llama), "--peer-drafter", str(layout), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dflash-mlx cannot run the target" in err and "model_type=llama" in err, err
 
 
 @needs_peer

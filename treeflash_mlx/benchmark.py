@@ -206,6 +206,8 @@ def load_peer(model_path: str, args: argparse.Namespace) -> dict:
         try:
             bundle = load_runtime_bundle(model_ref=model_path, draft_ref=str(drafter),
                                          verify_config=VerifyConfig("dflash"), lazy=False)  # read now: tmp goes away
+        except NotImplementedError as err:  # a target family it has no backend for
+            raise ValueError(f"dflash-mlx cannot run the target '{model_path}': {err}") from err
         except (TypeError, KeyError) as err:  # its config reader's own errors
             raise ValueError(f"dflash-mlx cannot load the drafter '{drafter}' ({err}); write it with "
                              "python -m treeflash_mlx.convert --export --layout dflash") from err
