@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -10,6 +11,10 @@ from conftest import save_drafter, save_target, tiny_drafter, tiny_target
 import treeflash_mlx.benchmark as benchmark
 from treeflash_mlx.loading import humaneval_messages
 from treeflash_mlx.benchmark import main
+from treeflash_mlx.convert import export
+
+needs_peer = pytest.mark.skipif(importlib.util.find_spec("dflash_mlx") is None,
+                                reason="the peer dflash-mlx is not installed (pip install 'treeflash-mlx[peers]')")
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +132,75 @@ def test_long_prompts_must_fit_the_models_context(models, capsys):
                  "--max-tokens", "200", "--modes", "ar,treeflash"])
     assert code == 1
     assert "exceed the model's context of 4096 tokens" in capsys.readouterr().err
+
+
+@needs_peer
+def test_the_peer_runs_interleaved_with_ours_on_the_same_drafter(models, tmp_path, capsys):
+    table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain,dflash-mlx,dflash-mlx-ddtree",
+                          "--profile-prompts", "0")
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == ["ar", "chain", "dflash-mlx", "dflash-mlx-ddtree"]
+    assert all(r["lossless"] for r in rows.values()) and table.count("| yes |") == 4
+    for mode in ("dflash-mlx", "dflash-mlx-ddtree"):
+        r = rows[mode]
+        assert r["tokens_per_s"] > 0 and r["drafter_mb"] > 0 and r["ideal_speedup"] is None
+        assert sum(r["taus"]) == sum(rows["chain"]["taus"]), "cycles count the tokens they kept, as ours"
+    if rows["dflash-mlx"]["copied_rounds"] == 0:  # no copy from the context replaced a draft: the same drafter
+        assert rows["dflash-mlx"]["taus"] == rows["chain"]["taus"], "the same chain, the same acceptance"
+
+
+@needs_peer
+def test_the_peer_takes_a_dflash_layout_drafter(models, tmp_path, capsys):
+    peer = export(models[1], tmp_path / "dflash", layout="dflash")
+    table, report = bench(capsys, models, tmp_path, "--modes", "dflash-mlx", "--peer-drafter", peer,
+                          "--num-prompts", "1")
+    assert [r["mode"] for r in report["results"]] == ["ar", "dflash-mlx"]
+    assert report["results"][1]["lossless"] is True
+
+
+def test_the_peer_modes_fail_up_front_when_they_cannot_run(models, capsys, monkeypatch):
+    target, drafter, _ = models
+    real = importlib.util.find_spec
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec",
+                        lambda name: None if name == "dflash_mlx" else real(name))
+    assert main(["--model", str(target), "--drafter", str(drafter), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install dflash-mlx" in err, err
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: object())
+    assert main(["--model", str(target), "--drafter", str(drafter), "--modes", "dflash-mlx-ddtree",
+                 "--temp", "0.7"]) == 1
+    assert "greedy only" in capsys.readouterr().err
+    assert main(["--model", str(target), "--modes", "dflash-mlx"]) == 1
+    assert "need --drafter (exported to the DFlash layout) or --peer-drafter" in capsys.readouterr().err
+
+
+@needs_peer
+def test_the_peer_refuses_what_it_cannot_run_in_one_line(models, tmp_path, capsys):
+    target = tiny_target("qwen3", seed=4)
+    drafter = save_drafter(tiny_drafter(target, block_size=6, sub_vocab=[3, 1, 4]), tmp_path / "sub")
+    assert main(["--model", str(models[0]), "--drafter", str(drafter), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dflash-mlx modes run --drafter in the DFlash layout" in err, err
+    assert "sub-vocabulary of 3 tokens" in err
+    layout = save_drafter(tiny_drafter(target, block_size=6, head=False), tmp_path / "no-tie", layout="dflash")
+    assert main(["--model", str(models[0]), "--peer-drafter", str(layout), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tie_word_embeddings" in err and "--export --layout dflash" in err, err
+    llama = save_target(tiny_target("llama", seed=4), tmp_path / "llama")
+    assert main(["--model", str(llama), "--peer-drafter", str(layout), "--modes", "dflash-mlx"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dflash-mlx cannot run the target" in err and "model_type=llama" in err, err
+
+
+@needs_peer
+@pytest.mark.slow
+def test_the_peer_accepts_what_our_chain_accepts_with_the_demo_drafter(tmp_path, capsys):
+    """The trained demo pair: the DFlash-layout export is the same drafter to dflash-mlx, round by round."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def fib(n):", "class Stack:")))
+    code = main(["--prompts", str(prompts), "--num-prompts", "2", "--max-tokens", "32", "--modes",
+                 "ar,chain,dflash-mlx", "--profile-prompts", "0", "--output", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["results"]}
+    assert rows["dflash-mlx"]["lossless"] and rows["dflash-mlx"]["copied_rounds"] == 0
+    assert rows["dflash-mlx"]["taus"] == rows["chain"]["taus"] and rows["chain"]["mean_acceptance_length"] > 1.2

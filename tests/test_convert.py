@@ -190,6 +190,34 @@ def test_dflash_export_uses_the_unprefixed_layout(target, tmp_path):
     assert "fc.weight" in keys and not any(k.startswith(("model.", "ar_approximation")) for k in keys)
 
 
+@pytest.mark.parametrize("head", [True, False])
+def test_the_dflash_layout_export_reads_back_to_the_same_backbone(target, tmp_path, head):
+    drafter = tiny_drafter(target, head=head, block_size=B)
+    hf_dir = export(save_drafter(drafter, tmp_path / "mine"), tmp_path / "hf", layout="dflash")
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and "treeflash_config" not in config
+    assert config["tie_word_embeddings"] is False  # dflash-mlx requires the key
+    stored = mx.load(str(hf_dir / "model.safetensors"))
+    assert "fc.weight" in stored and not any(k.startswith(("model.", "ar_approximation")) for k in stored)
+    back, _ = load_drafter(hf_dir)
+    assert not back.has_head
+    a = {k: v for k, v in tree_flatten(drafter.parameters()) if k.startswith("model.")}
+    b = dict(tree_flatten(back.parameters()))
+    assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+    assert back.args.to_dict() == {**drafter.args.to_dict(), "architectures": ["DFlashDraftModel"],
+                                   "treeflash_config": {"ar_approximation": None, "candidate_tokens": 16}}
+
+
+def test_the_dflash_layout_refuses_a_sub_vocabulary_in_one_line(target, tmp_path, capsys):
+    mine = save_drafter(tiny_drafter(target, block_size=B, sub_vocab=[7, 1, 99, 250]), tmp_path / "mine")
+    code = main(["--export", "--layout", "dflash", "--mlx-path", str(mine), "--hf-path", str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0 and "sub-vocabulary of 4 tokens" in err, err
+    assert not (tmp_path / "hf").exists()
+    assert main(["--layout", "dflash", "--hf-path", str(mine), "--mlx-path", str(tmp_path / "x")]) == 1
+    assert "--layout chooses what --export writes" in capsys.readouterr().err
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch /tmp/treeflash-pwned",))

@@ -4,7 +4,9 @@
 
 Modes run interleaved prompt by prompt after a warm-up, so that machine noise hits all of them alike.
 ``ar`` is plain mlx-lm decoding and ``draft-model`` mlx-lm's own speculative decoding with a small
-autoregressive model; ``chain`` (DFlash), ``marginal`` (DDTree) and ``treeflash`` are ours. For each mode:
+autoregressive model; ``chain`` (DFlash), ``marginal`` (DDTree) and ``treeflash`` are ours. On request,
+``dflash-mlx`` and ``dflash-mlx-ddtree`` run the peer dflash-mlx (``pip install dflash-mlx``, greedy only) on the
+same target with the DFlash layout of the same drafter, with its ``dflash`` and ``ddtree`` verify modes. For each mode:
 τ (tokens per target pass), tokens/s, speed-up over ``ar`` from the same run, the time per round of each stage,
 and the efficiency: measured speed-up ÷ the ideal ``τ · t(1-token step) / t(verify of that many nodes)``,
 both costs measured here too. At temperature 0 every mode's tokens must equal ``ar``'s; a mismatch is
@@ -14,9 +16,11 @@ reported in the table, never hidden.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
-from .drafting import PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
+from .drafting import DEFAULT_SINKS, PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
 from .loading import load, read_jsonl_prompts
 from .prompt_cache import make_prompt_cache
 from .speculative import RoundStats, stream_generate
@@ -39,6 +43,7 @@ PROMPT_DIR = Path(__file__).parent / "prompts"
 DEMO = Path(__file__).parent / "demo"
 TREE_MODES = ("marginal", "treeflash")
 ALL_MODES = ("ar", "draft-model", "chain", "marginal", "treeflash")
+PEER_MODES = {"dflash-mlx": "dflash", "dflash-mlx-ddtree": "ddtree"}  # the peer's modes: its --verify-mode
 AUTO_CANDIDATES = (4, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -172,6 +177,82 @@ def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
             "peak_memory": mx.get_peak_memory(), "drafter_bytes": 0}
 
 
+def check_peer(peer_modes: list[str], args: argparse.Namespace) -> None:
+    """What the peer's modes need, refused up front in one line."""
+    if importlib.util.find_spec("dflash_mlx") is None:
+        raise ValueError(f"mode(s) {peer_modes} run the peer dflash-mlx, which is not installed: "
+                         "pip install dflash-mlx (or pip install 'treeflash-mlx[peers]')")
+    if args.temp > 0:
+        raise ValueError(f"mode(s) {peer_modes} are greedy only (the lossless comparison): drop --temp or them")
+    if args.drafter is None and args.peer_drafter is None:
+        raise ValueError(f"mode(s) {peer_modes} need --drafter (exported to the DFlash layout) or --peer-drafter")
+
+
+def load_peer(model_path: str, args: argparse.Namespace) -> dict:
+    """dflash-mlx's own copy of the target with the drafter in the DFlash layout (``--peer-drafter``, or
+    ``--drafter`` exported to a temporary directory), loaded once, and one runtime context per verify mode.
+    Its drafter context window is ours (the whole context unless --draft-window)."""
+    from dflash_mlx.runtime import VerifyConfig, get_stop_token_ids
+    from dflash_mlx.runtime.bundle import load_runtime_bundle
+    from dflash_mlx.runtime.context import build_offline_runtime_context
+
+    from .convert import export
+
+    with tempfile.TemporaryDirectory(prefix="treeflash-peer-") as tmp:
+        try:
+            drafter = args.peer_drafter or export(args.drafter, Path(tmp) / "dflash", layout="dflash")
+        except ValueError as err:
+            raise ValueError(f"the dflash-mlx modes run --drafter in the DFlash layout: {err}") from err
+        try:
+            bundle = load_runtime_bundle(model_ref=model_path, draft_ref=str(drafter),
+                                         verify_config=VerifyConfig("dflash"), lazy=False)  # read now: tmp goes away
+        except NotImplementedError as err:  # a target family it has no backend for
+            raise ValueError(f"dflash-mlx cannot run the target '{model_path}': {err}") from err
+        except (TypeError, KeyError) as err:  # its config reader's own errors
+            raise ValueError(f"dflash-mlx cannot load the drafter '{drafter}' ({err}); write it with "
+                             "python -m treeflash_mlx.convert --export --layout dflash") from err
+    window = {"draft_window_size": args.draft_window or 1 << 30,  # its cache grows by concatenation: no allocation
+              "draft_sink_size": DEFAULT_SINKS if args.draft_sinks is None else args.draft_sinks}
+    contexts = {m: build_offline_runtime_context(verify_mode=v, **window) for m, v in PEER_MODES.items()}
+    return {"bundle": bundle, "contexts": contexts, "stop": get_stop_token_ids(bundle.tokenizer)}
+
+
+def run_peer(peer: dict, tokenizer, prompt, mode: str, args) -> dict:
+    """One greedy generation by dflash-mlx from the same prompt tokens (no template applied again). Timed as
+    mlx-lm's: its generation time, prefill excluded; τ per target pass from its accepted drafts per cycle."""
+    from dflash_mlx.engine.events import SummaryEvent
+    from dflash_mlx.runtime import stream_dflash_generate
+
+    b = peer["bundle"]
+    mx.reset_peak_memory()
+    events = stream_dflash_generate(target_model=b.target_model, target_ops=b.target_ops, tokenizer=b.tokenizer,
+                                    draft_model=b.draft_model, draft_backend=b.draft_backend,
+                                    prompt_tokens_override=list(prompt), max_new_tokens=args.max_tokens,
+                                    stop_token_ids=peer["stop"], runtime_context=peer["contexts"][mode])
+    summary = [e for e in events if isinstance(e, SummaryEvent)][-1]
+    tokens = list(summary.generated_token_ids)
+    if tokens and tokens[-1] in tokenizer.eos_token_ids:
+        tokens = tokens[:-1]  # as mlx-lm, which does not emit the end-of-sequence token
+    weights = sum(v.nbytes for _, v in tree_flatten(b.draft_model.parameters()))
+    return {"tokens": tokens, "seconds": (summary.elapsed_us - summary.phase_timings_us["prefill"]) / 1e6,
+            "generated": summary.generation_tokens,
+            "taus": kept_taus([a + 1 for a in summary.acceptance_history], summary.generation_tokens - 1),
+            "nodes": [], "paths": [], "stages": {}, "peak_memory": mx.get_peak_memory(), "drafter_bytes": weights,
+            "copied_rounds": summary.copyspec_hits}  # cycles that verified a copy from the context, not the drafter's
+
+
+def kept_taus(taus: list[int], kept: int) -> list[int]:
+    """Tokens per cycle cut to the ``kept`` tokens that the cycles gave (the first comes from the prefill): the
+    peer's last cycle may accept drafts past --max-tokens, which ours and mlx-lm's do not count."""
+    out = []
+    for tau in taus:
+        if kept <= 0:
+            break
+        out.append(min(tau, kept))
+        kept -= out[-1]
+    return out or [1]
+
+
 def auto_tree_size(runs: list[dict], costs: dict[str, float], draft_seconds: float) -> tuple[int, dict]:
     """Pick the budget n with the best predicted speed τ(n) / (draft + verify(n)).
 
@@ -205,16 +286,18 @@ def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[d
     taus = [t for r in runs for t in r["taus"]]
     tau = float(np.mean(taus))
     nodes = [n for r in (profiles or runs) for n in r["nodes"]]
-    ideal = tau * step_seconds / verify_seconds
+    ideal = None if verify_seconds is None else tau * step_seconds / verify_seconds
     rounds = max(1, sum(len(r["taus"]) for r in profiles))
     stages = {k: 1e3 * sum(r["stages"][k] for r in profiles) / rounds for k in RoundStats.STAGES}
     lossless = None if temp > 0 else all(r["tokens"] == a["tokens"] for r, a in zip(runs, ar_runs))
     return {"mode": mode, "mean_acceptance_length": tau, "tokens_per_s": tps, "speedup_vs_ar": tps / ar_tps,
-            "ideal_speedup": ideal, "efficiency": (tps / ar_tps) / ideal, "nodes_per_round": float(np.mean(nodes)) if nodes else None,
+            "ideal_speedup": ideal, "efficiency": None if ideal is None else (tps / ar_tps) / ideal,
+            "nodes_per_round": float(np.mean(nodes)) if nodes else None,
             "ms_per_round": stages if profiles else None, "lossless": lossless, "taus": taus,
             "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs],
             "peak_memory_gb": max(r["peak_memory"] for r in runs) / 1e9,
-            "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6}
+            "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6,
+            **({"copied_rounds": sum(r["copied_rounds"] for r in runs)} if "copied_rounds" in runs[0] else {})}
 
 
 def markdown(results: list[dict]) -> str:
@@ -224,8 +307,9 @@ def markdown(results: list[dict]) -> str:
         st = r["ms_per_round"]
         split = " | ".join(f"{st[k]:.1f}" for k in RoundStats.STAGES) if st else " | ".join(["-"] * 5)
         lossless = {None: "n/a (sampling)", True: "yes", False: "**MISMATCH: output differs from ar**"}[r["lossless"]]
+        ideal = "- | -" if r["ideal_speedup"] is None else f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.2f}"
         lines.append(f"| {r['mode']} | {r['mean_acceptance_length']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['speedup_vs_ar']:.2f}x | {r['ideal_speedup']:.2f}x | {r['efficiency']:.2f} | {split} | {lossless} |")
+                     f"{r['speedup_vs_ar']:.2f}x | {ideal} | {split} | {lossless} |")
     return "\n".join(lines)
 
 
@@ -282,9 +366,9 @@ def base_mode(mode: str) -> str:
 def check_modes(modes: list[str]) -> None:
     for m in modes:
         base, _, variant = m.partition("@")
-        if base not in ALL_MODES:
-            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(ALL_MODES)} (tree modes may add @N or "
-                             "@published)")
+        if base not in ALL_MODES and m not in PEER_MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join([*ALL_MODES, *PEER_MODES])} (tree modes "
+                             "may add @N or @published)")
         if variant and (base not in TREE_MODES or not (variant == "published" or variant.isdigit() and int(variant))):
             raise ValueError(f"mode {m!r}: only {' and '.join(TREE_MODES)} take a variant, @N (a budget >= 1) "
                              "or @published")
@@ -311,6 +395,9 @@ def run(args: argparse.Namespace) -> None:
         args.draft_model = args.draft_model or (str(DEMO / "draft-model") if (DEMO / "draft-model").is_dir() else None)
     if "ar" not in modes:
         modes.insert(0, "ar")  # the baseline every ratio refers to
+    peer_modes = [m for m in modes if m in PEER_MODES]
+    if peer_modes:
+        check_peer(peer_modes, args)
     needs_drafter = [m for m in modes if base_mode(m) in ("chain", *TREE_MODES)]
     if needs_drafter and args.drafter is None:
         raise ValueError(f"mode(s) {needs_drafter} need --drafter")
@@ -318,6 +405,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("mode 'draft-model' needs --draft-model (a small model with the same tokenizer)")
     model, tokenizer, drafter = load(args.model, args.drafter)
     draft_model = load(args.draft_model)[0] if "draft-model" in modes else None
+    peer = load_peer(args.model, args) if peer_modes else None
     if any(base_mode(m) == "treeflash" for m in modes) and drafter is not None and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head")
     if args.prompts == "long":
@@ -347,7 +435,7 @@ def run(args: argparse.Namespace) -> None:
         if context is not None:
             print(f"\n## prompts of {context} tokens", flush=True)
         mx.random.seed(args.seed)
-        measured.append(compare(model, tokenizer, drafter, draft_model, group, list(modes), args, sampler))
+        measured.append(compare(model, tokenizer, drafter, draft_model, group, list(modes), args, sampler, peer))
         print_group(measured[-1], args)
     if len(groups) > 1:
         print("\n" + context_table([c for c, _ in groups], measured))
@@ -364,8 +452,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"\nwrote {args.output / 'results.json'}" + (f" and {', '.join(plots)}" if plots else ""))
 
 
-def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sampler) -> dict:
-    """Every mode on ``prompts``, interleaved prompt by prompt: the rows of the report and what backs them."""
+def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sampler, peer=None) -> dict:
+    """Every mode on ``prompts``, interleaved prompt by prompt: the rows of the report and what backs them;
+    ``peer``: dflash-mlx loaded by ``load_peer``, for its modes."""
     window = {"draft_window": args.draft_window, "draft_sinks": args.draft_sinks}
 
     def settings(mode: str, tree_size: int) -> dict:
@@ -379,6 +468,8 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
     def once(mode: str, prompt, tree_size: int, profile: bool = False) -> dict:
         if mode in ("ar", "draft-model"):
             return run_mlx_lm(model, tokenizer, draft_model if mode == "draft-model" else None, prompt, args, sampler)
+        if mode in PEER_MODES:
+            return run_peer(peer, tokenizer, prompt, mode, args)
         return run_ours(model, tokenizer, drafter, prompt, base_mode(mode), args, sampler, settings(mode, tree_size),
                         profile)
 
@@ -425,7 +516,7 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
                 tree_sizes[f"{profile_mode}@{n}"] = n
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     profiles: dict[str, list[dict]] = {m: [] for m in modes}
-    ours = [m for m in modes if m not in ("ar", "draft-model")]
+    ours = [m for m in modes if m not in ("ar", "draft-model", *PEER_MODES)]
     for i, prompt in enumerate(prompts):
         for m in modes:  # interleaved: the same prompt through every mode before the next prompt
             runs[m].append(once(m, prompt, tree_sizes.get(m, 64)))
@@ -437,7 +528,8 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
         return {"ar": "step", "draft-model": f"chain{args.num_draft_tokens + 1}", "chain": f"chain{B}"}.get(
             mode, f"tree{tree_sizes.get(mode)}")
 
-    results = [summarize(m, runs[m], profiles[m], runs["ar"], costs["step"], costs[verify_key(m)], args.temp)
+    results = [summarize(m, runs[m], profiles[m], runs["ar"], costs["step"],
+                         None if m in PEER_MODES else costs[verify_key(m)], args.temp)  # the peer's verify: its own
                for m in modes]
     for r in results:
         r["tree_size"] = tree_sizes.get(r["mode"])
@@ -496,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="target (default: the bundled demo pair)")
     p.add_argument("--drafter", default=None)
     p.add_argument("--draft-model", default=None, help="small autoregressive model for mlx-lm's speculative mode")
+    p.add_argument("--peer-drafter", default=None,
+                   help="the drafter in the DFlash layout for the dflash-mlx modes (default: --drafter, exported)")
     p.add_argument("--prompts", default="code",
                    help="code, math, chat, humaneval, long (standard-library sources to continue, at each of "
                         "--context-lengths) or a JSONL file")
@@ -505,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help="comma-separated; tree modes may add @N (budget N) or @published (tree 64, top-m 16, "
-                        "whole vocabulary), e.g. treeflash,treeflash@published")
+                        "whole vocabulary), e.g. treeflash,treeflash@published; the peer dflash-mlx (if installed, "
+                        "greedy): dflash-mlx, dflash-mlx-ddtree")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--tree-size", default=None,

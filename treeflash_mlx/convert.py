@@ -1,7 +1,7 @@
 """Convert trained PyTorch TreeFlash/DFlash drafters to MLX, and MLX drafters back to the published layout.
 
     python -m treeflash_mlx.convert --hf-path peerrh/treeflash-qwen3-4b --mlx-path treeflash-4b-mlx [-q]
-    python -m treeflash_mlx.convert --export --mlx-path my-drafter --hf-path my-drafter-hf
+    python -m treeflash_mlx.convert --export --mlx-path my-drafter --hf-path my-drafter-hf [--layout dflash]
 
 Input shards are converted one at a time (peak memory near the largest shard) and written to a temporary
 sibling directory that is renamed into place only when everything succeeded: a failure leaves nothing behind.
@@ -44,6 +44,7 @@ from .target import Target
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 KNOWN_ARCHITECTURES = {"DFlashDraftModel", "TreeFlashDraftModel"}
+EXPORT_LAYOUTS = ("treeflash", "dflash")
 QUANTIZABLE = ("_proj.weight", "ar_approximation.ug.weight", "ar_approximation.d.weight")
 
 
@@ -246,10 +247,15 @@ def convert(
     return dst
 
 
-def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, force: bool = False) -> Path:
-    """Write an MLX drafter (quantized ones are dequantized) in the published PyTorch/Hugging Face layout."""
+def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, force: bool = False,
+           layout: str = "treeflash") -> Path:
+    """Write an MLX drafter (quantized ones are dequantized) in the published PyTorch/Hugging Face layout:
+    ``treeflash`` (ours, every tensor kept) or ``dflash`` (the backbone alone, as DFlash checkpoints and
+    dflash-mlx read it: no head, no sub-vocabulary)."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"--layout must be one of {', '.join(EXPORT_LAYOUTS)}, got {layout!r}")
     from mlx_lm.utils import dequantize_model
 
     dst = Path(hf_path)
@@ -260,14 +266,31 @@ def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, 
     weights = dict(tree_flatten(drafter.parameters()))
     if dtype is not None:
         weights = cast_floating(weights, DTYPES[dtype])
-    if not drafter.has_head:  # the published DFlash layout has no "model." prefix
+    config = drafter.args.to_dict()
+    notes = ["exported to the published PyTorch layout", f"dtype: {dtype or 'as stored'}"]
+    if layout == "dflash":
+        weights, config = dflash_layout(weights, config, src)
+        notes[0] = "exported to the DFlash layout (backbone only" + (", AR head dropped)" if drafter.has_head else ")")
+    elif not drafter.has_head:  # the published DFlash layout has no "model." prefix
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     with staging as out:
         save_weights(out / "model.safetensors", weights, {"format": "pt"})
-        (out / "config.json").write_text(json.dumps(drafter.args.to_dict(), indent=2))
-        (out / "README.md").write_text(_model_card(str(src), ["exported to the published PyTorch layout",
-                                                              f"dtype: {dtype or 'as stored'}"]))
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        (out / "README.md").write_text(_model_card(str(src), notes))
     return dst
+
+
+def dflash_layout(weights: dict[str, mx.array], config: dict, src: Path) -> tuple[dict[str, mx.array], dict]:
+    """The backbone's tensors without the ``model.`` prefix and a ``DFlashDraftModel`` config; refuses a
+    sub-vocabulary, which DFlash drafters do not have (dropping it would change what the drafter proposes)."""
+    if "sub_vocab" in weights:
+        raise ValueError(f"drafter '{src}' drafts over a sub-vocabulary of {weights['sub_vocab'].size} tokens, "
+                         "which the DFlash layout cannot hold; export it in the TreeFlash layout")
+    weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    config = {k: v for k, v in config.items() if k != "treeflash_config"}
+    config["architectures"] = ["DFlashDraftModel"]
+    config["tie_word_embeddings"] = False  # no embedding or head of its own; dflash-mlx requires the key
+    return weights, config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="an mlx-lm target to check the drafter against")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--export", action="store_true", help="MLX drafter at --mlx-path -> published layout at --hf-path")
+    p.add_argument("--layout", choices=EXPORT_LAYOUTS, default=None,
+                   help="with --export: treeflash (default; every tensor) or dflash (the backbone alone, as DFlash "
+                        "checkpoints and dflash-mlx read it)")
     return p
 
 
@@ -288,8 +314,10 @@ def run(args: argparse.Namespace) -> None:
     if args.export:
         if args.quantize:
             raise ValueError("--export writes the published (unquantized) layout; drop -q")
-        out = export(args.mlx_path, args.hf_path, args.dtype, args.force)
+        out = export(args.mlx_path, args.hf_path, args.dtype, args.force, args.layout or "treeflash")
     else:
+        if args.layout is not None:
+            raise ValueError("--layout chooses what --export writes; conversion reads either layout as it is")
         out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
                       args.target, args.force)
     print(f"wrote {out}")
