@@ -191,7 +191,7 @@ def check_peer(peer_modes: list[str], args: argparse.Namespace) -> None:
 def load_peer(model_path: str, args: argparse.Namespace) -> dict:
     """dflash-mlx's own copy of the target with the drafter in the DFlash layout (``--peer-drafter``, or
     ``--drafter`` exported to a temporary directory), loaded once, and one runtime context per verify mode.
-    Its drafter context window is ours (the whole context unless --draft-window)."""
+    Its drafter context window is ours (--draft-window, by default generate's; 0: the whole context)."""
     from dflash_mlx.runtime import VerifyConfig, get_stop_token_ids
     from dflash_mlx.runtime.bundle import load_runtime_bundle
     from dflash_mlx.runtime.context import build_offline_runtime_context
@@ -388,6 +388,7 @@ def run(args: argparse.Namespace) -> None:
     args.tree_size = args.tree_size or str(settings["tree_size"])
     args.draft_top_m = settings["top_m"] if args.draft_top_m is None else args.draft_top_m
     args.draft_vocab = settings["head_vocab"] if args.draft_vocab is None else args.draft_vocab
+    args.draft_window = settings["window"] if args.draft_window is None else args.draft_window
     if args.tree_size != "auto" and not (args.tree_size.isdigit() and int(args.tree_size) >= 1):
         raise ValueError(f"--tree-size must be a positive integer or 'auto', got {args.tree_size!r}")
     if args.model is None:
