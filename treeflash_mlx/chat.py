@@ -13,6 +13,7 @@ import sys
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import quantized_kv
 from ._cli import run_cli
 from .drafting import MODES, default_mode
 from .loading import demo_paths, load
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-top-k", type=int, default=None)
     p.add_argument("--draft-temp", type=float, default=None)
     p.add_argument("--draft-vocab", type=int, default=None)
+    quantized_kv.add_arguments(p)
     return p
 
 
@@ -57,6 +59,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    quantized_kv.check_arguments(args)
 
 
 def encode(tokenizer, messages: list[dict]) -> list[int]:
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
     settings = dict(mode=mode, tree_size=args.tree_size, draft_top_m=args.draft_top_m, draft_top_k=args.draft_top_k,
-                    draft_temp=args.draft_temp, draft_vocab=args.draft_vocab)
+                    draft_temp=args.draft_temp, draft_vocab=args.draft_vocab, **quantized_kv.check_arguments(args))
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     processors = make_logits_processors(None, args.repetition_penalty)
     start = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []

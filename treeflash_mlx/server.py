@@ -24,6 +24,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import quantized_kv
 from .drafting import MODES, default_mode, make_drafting
 from .loading import demo_paths, load
 from .prompt_cache import PromptCache, make_prompt_cache
@@ -138,6 +139,7 @@ class Engine:
         self.settings = dict(mode=self.mode, tree_size=args.tree_size, draft_top_m=args.draft_top_m,
                              draft_top_k=args.draft_top_k, draft_temp=args.draft_temp, draft_vocab=args.draft_vocab)
         make_drafting(self.drafter, self.target, **self.settings)  # check the settings now, not per request
+        quantized_kv.kv_quantization(**quantized_kv.check_arguments(args), head_dim=quantized_kv.head_dim(self.model))
         self.model_names = {"default_model", args.model or "treeflash-demo", str(model_path),
                             str(self.model.model_path)}
         self.model_id = args.model or "treeflash-demo"
@@ -181,7 +183,7 @@ class Engine:
                 self.model, self.tokenizer, prompt, job.max_tokens, drafter=self.drafter,
                 sampler=make_sampler(**job.sampling), logits_processors=make_logits_processors(**job.processors),
                 prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=job.stop,
-                **self.settings,
+                **self.settings, **quantized_kv.check_arguments(self.args),
             )
             for r in responses:
                 if job.cancelled.is_set():
@@ -634,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-top-k", type=int, default=None, help="branching: children kept per table row")
     p.add_argument("--draft-temp", type=float, default=None, help="drafter temperature (tree scores only)")
     p.add_argument("--draft-vocab", type=int, default=None, help="head vocabulary per depth, 0: whole")
+    quantized_kv.add_arguments(p)
     return p
 
 
@@ -648,6 +651,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     if not isinstance(args.chat_template_args, dict):
         raise ValueError("--chat-template-args must be a JSON object")
+    quantized_kv.check_arguments(args)
 
 
 def main(argv: list[str] | None = None) -> int:
