@@ -355,8 +355,9 @@ def generate(
     return text
 
 
-def summary(last: GenerationResponse, taus: list[int]) -> str:
-    """The closing lines of a verbose run, as mlx-lm prints them, plus the acceptance."""
+def summary(last: GenerationResponse, taus: list[int], cache: PromptCache | None = None) -> str:
+    """The closing lines of a verbose run, as mlx-lm prints them, plus the acceptance and, given the run's
+    ``cache``, what its K/V took (the drafter's part of the peak apart)."""
     lines = [
         "=" * 10,
         f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec",
@@ -365,4 +366,8 @@ def summary(last: GenerationResponse, taus: list[int]) -> str:
     if taus:
         lines.append(f"Acceptance: {sum(taus) / len(taus):.2f} tokens per target pass over {len(taus)} rounds")
     lines.append(f"Peak memory: {last.peak_memory:.3f} GB")
+    if cache is not None:
+        quantized = f" ({cache.target[0].bits}-bit)" if hasattr(cache.target[0], "bits") else ""
+        lines.append(f"KV cache: target {cache.target_nbytes / 1e9:.3f} GB{quantized}, "
+                     f"drafter {cache.drafter_nbytes / 1e9:.3f} GB")
     return "\n".join(lines)
