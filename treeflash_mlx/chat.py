@@ -13,6 +13,7 @@ import sys
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import quantized_kv
 from ._cli import add_drafting_arguments, drafting_settings, run_cli
 from .drafting import default_mode
 from .loading import demo_paths, load
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system-prompt", default=None)
     add_drafting_arguments(p)
+    quantized_kv.add_arguments(p)
     return p
 
 
@@ -52,6 +54,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    quantized_kv.check_arguments(args)
 
 
 def encode(tokenizer, messages: list[dict]) -> list[int]:
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     mode = args.mode or default_mode(drafter)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    settings = dict(mode=mode, **drafting_settings(args))
+    settings = dict(mode=mode, **drafting_settings(args), **quantized_kv.check_arguments(args))
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     processors = make_logits_processors(None, args.repetition_penalty)
     start = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []

@@ -8,10 +8,12 @@ import sys
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import quantized_kv
 from ._cli import add_drafting_arguments, drafting_settings, run_cli
 from .drafting import default_mode
 from .loading import DEMO, demo_paths, load  # noqa: F401  (DEMO: where the tests and scripts look)
-from .speculative import stream_generate, summary
+from .prompt_cache import make_prompt_cache
+from .speculative import PREFILL_STEP, stream_generate, summary
 from .validation import finite, integer, utf8_text
 
 
@@ -34,9 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     add_drafting_arguments(p)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--prefill-step-size", type=int, default=PREFILL_STEP,
+                   help=f"prompt tokens per target pass; smaller lowers the prefill's peak memory (default: "
+                        f"{PREFILL_STEP})")
+    quantized_kv.add_arguments(p)
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--verbose", action="store_true", help="print speed and acceptance after the text")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the prefill's progress on stderr (prompts of several chunks), then speed, "
+                        "acceptance and memory after the text")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
 
@@ -56,6 +64,17 @@ def check_args(args: argparse.Namespace) -> None:
     integer("--repetition-context-size", args.repetition_context_size, low=1)
     if args.seed is not None:
         integer("--seed", args.seed, low=0, high=MAX_SEED)
+    integer("--prefill-step-size", args.prefill_step_size, low=1)
+    quantized_kv.check_arguments(args)
+
+
+def show_progress(processed: int, total: int, step: int) -> None:
+    """One line on stderr, rewritten after each prefill chunk, for prompts of more than one chunk."""
+    if total <= step:
+        return
+    end = "\n" if processed == total else ""
+    print(f"\rPrefill: {processed}/{total} tokens ({100 * processed // total}%)", end=end, file=sys.stderr,
+          flush=True)
 
 
 def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
@@ -85,12 +104,16 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer, drafter = load(args.model, args.drafter)
     prompt = prompt_tokens(tokenizer, args)
     mode = args.mode or default_mode(drafter)
+    cache = make_prompt_cache(model, drafter)  # kept here to report the caches' bytes
+    progress = (lambda done, total: show_progress(done, total, args.prefill_step_size)) if args.verbose else None
     responses = stream_generate(
         model, tokenizer, prompt, args.max_tokens,
         drafter=drafter,
         sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
         logits_processors=make_logits_processors(None, args.repetition_penalty, args.repetition_context_size),
         mode=mode, stop_strings=args.stop, **drafting_settings(args),
+        prompt_cache=cache, prefill_step_size=args.prefill_step_size, prompt_progress_callback=progress,
+        **quantized_kv.check_arguments(args),
     )
     text, tokens, rounds, last = "", [], {}, None
     for response in responses:
@@ -118,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
         return
     print()
     if args.verbose:
-        print(summary(last, taus))
+        print(summary(last, taus, cache))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,9 @@ A chat's next turn repeats the whole conversation so far. With a cache from the 
 the new prompt past the longest prefix it shares with the cached tokens is prefilled; the cache is first
 trimmed back to that prefix (the previous answer's tail, or everything after an edited message, goes).
 
+A quantized target cache (``kv_bits``) is trimmed and copied the same way: each position's K/V are quantized on
+their own, so a prefix of them is still what quantizing that prefix gives.
+
 Files use mlx-lm's prompt-cache format (``mlx_lm.models.cache.save_prompt_cache``): the target's layer caches,
 then the drafter's, plus metadata naming how many are the target's and the cached tokens (docs/checkpoints.md).
 """
@@ -16,7 +19,8 @@ from typing import Sequence
 
 import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache
+from mlx.utils import tree_map
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from .drafter import ContextWindow, Drafter
 from .drafting import Drafting
@@ -43,7 +47,15 @@ class PromptCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.target + (self.drafter or []))
+        return self.target_nbytes + self.drafter_nbytes
+
+    @property
+    def target_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.target if not c.empty())
+
+    @property
+    def drafter_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.drafter or [] if not c.empty())
 
     def prefix_copy(self, n: int) -> "PromptCache":
         """A new cache holding the first ``n`` tokens of this one (which stays as it is)."""
@@ -51,16 +63,16 @@ class PromptCache:
 
         def cut(layers: list, length: int) -> list:
             out = []
-            for c in layers:
+            for c in layers:  # a quantized layer's keys and values are (data, scales, biases) triples
                 if isinstance(c, ContextWindow):
                     copy = c.copy()
                     copy.trim(copy.offset - length)
                     out.append(copy)
                     continue
-                copy = KVCache()
+                copy = QuantizedKVCache(c.group_size, c.bits) if hasattr(c, "bits") else KVCache()
                 if length > 0:
-                    keys, values = c.keys_and_values()
-                    copy.update_and_fetch(keys[..., :length, :], values[..., :length, :])
+                    copy.keys, copy.values = tree_map(lambda x: x[..., :length, :], c.keys_and_values())
+                    copy.offset = length
                 out.append(copy)
             return out
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import quantized_kv
 from ._cli import add_drafting_arguments, drafting_settings
 from .drafting import default_mode, make_drafting
 from .loading import demo_paths, load
@@ -138,6 +139,7 @@ class Engine:
         self.mode = args.mode or default_mode(self.drafter)
         self.settings = dict(mode=self.mode, **drafting_settings(args))
         make_drafting(self.drafter, self.target, **self.settings)  # check the settings now, not per request
+        quantized_kv.kv_quantization(**quantized_kv.check_arguments(args), head_dim=quantized_kv.head_dim(self.model))
         self.model_names = {"default_model", args.model or "treeflash-demo", str(model_path),
                             str(self.model.model_path)}
         self.model_id = args.model or "treeflash-demo"
@@ -181,7 +183,7 @@ class Engine:
                 self.model, self.tokenizer, prompt, job.max_tokens, drafter=self.drafter,
                 sampler=make_sampler(**job.sampling), logits_processors=make_logits_processors(**job.processors),
                 prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=job.stop,
-                **self.settings,
+                **self.settings, **quantized_kv.check_arguments(self.args),
             )
             for r in responses:
                 if job.cancelled.is_set():
@@ -628,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-bytes", type=parse_size, default=parse_size("2G"),
                    help="bound on the kept caches' memory (default: 2G)")
     add_drafting_arguments(p)
+    quantized_kv.add_arguments(p)
     return p
 
 
@@ -642,6 +645,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     if not isinstance(args.chat_template_args, dict):
         raise ValueError("--chat-template-args must be a JSON object")
+    quantized_kv.check_arguments(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Generator, NamedTuple, Sequence
+from typing import Callable, Generator, NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,10 +19,12 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .drafter import Drafter
 from .drafting import Drafting, make_drafting, untimed
 from .prompt_cache import PromptCache, make_prompt_cache
+from .quantized_kv import (DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, before_switch, check_cache, head_dim,
+                           kv_quantization, prefill_chunks, quantize_at, switch_offset)
 from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits, sample_and_accept
 from .target import Target, compact
 from .tree import root_only
-from .validation import stop_strings as _stop_strings, token_ids
+from .validation import integer, stop_strings as _stop_strings, token_ids
 
 PREFILL_STEP = 2048
 
@@ -144,6 +146,10 @@ def generate_step(
     max_tokens: int = 256,
     stop_tokens: Sequence[int] = (),
     prefill_step_size: int = PREFILL_STEP,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
     stats: RoundStats | None = None,
 ) -> Generator[list[Committed], None, None]:
     """Yield the tokens each round commits: first the one sampled after the prompt, then each verification's.
@@ -152,9 +158,17 @@ def generate_step(
     ``make_prompt_cache``) is reused for the prefix it shares with ``prompt`` and left holding the prompt and the
     committed tokens. ``max_tokens`` < 0: up to the model's context. The draft of the next round is started
     before a round's tokens are yielded (its model work overlaps the caller's), unless they hold one of
-    ``stop_tokens`` or reach ``max_tokens``; then the generator ends after yielding them."""
+    ``stop_tokens`` or reach ``max_tokens``; then the generator ends after yielding them.
+
+    ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``: mlx-lm's K/V cache quantization of the target, switched
+    on where mlx-lm's ``generate_step`` would (the output stays its output with the same settings).
+    ``prompt_progress_callback(processed, total)``: called as mlx-lm's, with the prompt tokens prefilled so far
+    (0 first, then after each chunk) out of the ``total`` not served by the prompt cache."""
     target = Target(model)
     drafting = drafting or Drafting()
+    integer("prefill_step_size", prefill_step_size, low=1)
+    kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, head_dim(model))
+    progress = prompt_progress_callback or (lambda *_: None)
     prompt = token_ids(prompt, target.vocab_size)
     limit = token_limit(target, len(prompt), max_tokens)
     drafting.check_budget(len(prompt) + (limit or 0))
@@ -162,16 +176,21 @@ def generate_step(
     processors = logits_processors or ()
     stop_tokens = set(stop_tokens)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    check_cache(cache.target, kv)
     cached = cache.fit(prompt, drafting, len(target.layers))
+    switch = switch_offset(kv, cache.target, cached, len(prompt), prefill_step_size)  # None: no switch ahead
     timer = stats or untimed
 
-    for i in range(cached, len(prompt), prefill_step_size):  # each chunk's features go straight to the drafter
-        chunk = prompt[i : i + prefill_step_size]
+    progress(0, len(prompt) - cached)
+    for a, b in prefill_chunks(cached, len(prompt), prefill_step_size, switch):  # features go to the drafter
+        chunk = prompt[a:b]
         logits, feats = target.forward(mx.array(chunk), cache.target, drafting.capture, last_only=True)
         if drafting.capture:
             drafting.append_context(feats, cache.drafter)
         mx.eval(logits, [c.state for c in cache.target + (cache.drafter or [])])
         cache.tokens.extend(chunk)
+        switch = quantize_at(cache.target, switch, kv)
+        progress(b - cached, len(prompt) - cached)
     first = root_only(prompt[-1])
     keys = PositionKeys()  # one sampling seed per generated position: a seed pins the output, whatever the tree
     _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, processors), first, sampler, keys)
@@ -194,7 +213,7 @@ def generate_step(
         if stats:
             stats.start()  # the time the caller spent belongs to no stage
         start = cache.target[0].offset  # the root's position: the cache holds everything before it
-        tree = drafting.finish(root, pending, timer)
+        tree = before_switch(drafting.finish(root, pending, timer), start, switch)
         logits, feats = target.verify(tree, cache.target, drafting.capture)
         path, bonus, logprobs = sample_and_accept(node_logits(logits, tree, history, processors), tree, sampler, keys)
         timer("verify")
@@ -202,6 +221,7 @@ def generate_step(
         if drafting.capture:
             drafting.append_context(feats[mx.array(path)], cache.drafter)
         cache.tokens.extend(int(tree.tokens[n]) for n in path)
+        switch = quantize_at(cache.target, switch, kv)
         if stats:
             stats("commit", [c.state for c in cache.target + (cache.drafter or [])])
             stats.rounds.append((len(tree), path))
@@ -221,6 +241,10 @@ def stream_generate(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = PREFILL_STEP,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
     stop_strings: str | Sequence[str] = (),
     mode: str | None = None,
     tree_size: int | None = None,
@@ -247,6 +271,8 @@ def stream_generate(
     ends before the first one found. A seed (``mx.random.seed``) pins the sampled output whatever the mode and
     tree settings: every committed position draws its randomness from its own key, taken in position order
     (``sampling.PositionKeys``). A context too short for ``max_tokens`` warns (``ContextLimitWarning``).
+    ``kv_bits``, ``kv_group_size``, ``quantized_kv_start`` and ``prompt_progress_callback``: as mlx-lm's (see
+    ``generate_step``).
     """
     settings = dict(tree_size=tree_size, draft_top_m=draft_top_m, draft_top_k=draft_top_k, draft_temp=draft_temp,
                     draft_vocab=draft_vocab, draft_window=draft_window, draft_sinks=draft_sinks)
@@ -277,7 +303,8 @@ def stream_generate(
     steps = generate_step(
         prompt, model, drafting, prompt_cache=cache, sampler=sampler, logits_processors=logits_processors,
         max_tokens=max_tokens, stop_tokens=tokenizer.eos_token_ids, prefill_step_size=prefill_step_size,
-        stats=stats,
+        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+        prompt_progress_callback=prompt_progress_callback, stats=stats,
     )
     stream = _TextStream(tokenizer, stop_strings)
     tic = time.perf_counter()
@@ -332,8 +359,9 @@ def generate(
     return text
 
 
-def summary(last: GenerationResponse, taus: list[int]) -> str:
-    """The closing lines of a verbose run, as mlx-lm prints them, plus the acceptance."""
+def summary(last: GenerationResponse, taus: list[int], cache: PromptCache | None = None) -> str:
+    """The closing lines of a verbose run, as mlx-lm prints them, plus the acceptance and, given the run's
+    ``cache``, what its K/V took (the drafter's part of the peak apart)."""
     lines = [
         "=" * 10,
         f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec",
@@ -342,4 +370,8 @@ def summary(last: GenerationResponse, taus: list[int]) -> str:
     if taus:
         lines.append(f"Acceptance: {sum(taus) / len(taus):.2f} tokens per target pass over {len(taus)} rounds")
     lines.append(f"Peak memory: {last.peak_memory:.3f} GB")
+    if cache is not None:
+        quantized = f" ({cache.target[0].bits}-bit)" if hasattr(cache.target[0], "bits") else ""
+        lines.append(f"KV cache: target {cache.target_nbytes / 1e9:.3f} GB{quantized}, "
+                     f"drafter {cache.drafter_nbytes / 1e9:.3f} GB")
     return "\n".join(lines)

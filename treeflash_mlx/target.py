@@ -122,8 +122,8 @@ def compact(cache: list[KVCache], start: int, keep: list[int]) -> None:
     if keep != list(range(n)):
         index = mx.array(keep) + start
         for c in cache:
-            for buf in (c.keys, c.values):
-                for part in buf if isinstance(buf, tuple) else (buf,):
+            for buf in (c.keys, c.values):  # quantized: (data, scales, biases), a list after to_quantized
+                for part in buf if isinstance(buf, (tuple, list)) else (buf,):
                     part[..., start : start + n, :] = part[..., index, :]
     for c in cache:
         c.offset = start + n

@@ -41,6 +41,16 @@ class DraftTree:
             mask[i, i] = True
         return mask
 
+    def up_to_depth(self, depth: int) -> "DraftTree":
+        """The nodes at most ``depth`` deep (parents come first, so it stays a tree; depth 0: the root alone)."""
+        keep = np.flatnonzero(self.depths <= max(depth, 0))
+        if len(keep) == len(self):
+            return self
+        renumber = np.full(len(self), -1)
+        renumber[keep] = np.arange(len(keep))
+        parents = np.where(self.parents[keep] >= 0, renumber[self.parents[keep]], -1)
+        return DraftTree(self.tokens[keep], parents, self.depths[keep])
+
     def path(self, node: int) -> list[int]:
         """Node indices from the root's first child down to ``node`` (empty for the root)."""
         out = []
