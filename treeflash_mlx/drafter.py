@@ -249,6 +249,9 @@ class ContextWindow:
     def is_trimmable(self) -> bool:
         return True
 
+    def empty(self) -> bool:
+        return self.keys is None
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
