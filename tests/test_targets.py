@@ -1,17 +1,25 @@
 """Every target family and quantization the library runs: greedy output equals mlx-lm's own decoding of the
-same model (sparse MoE blocks route each tree node on its own; quantized layers are the model's own)."""
+same model (sparse MoE blocks route each tree node on its own; quantized layers are the model's own; sliding
+windows cut attention as mlx-lm's rotating caches do)."""
 
 from __future__ import annotations
 
+import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from conftest import mlx_lm_greedy, random_prompts, tiny_drafter, tiny_target
 
-from treeflash_mlx import stream_generate
+from treeflash_mlx import make_prompt_cache, stream_generate
 from treeflash_mlx.target import SUPPORTED_FAMILIES, Target
 
 N_PROMPTS, N_TOKENS = 4, 40
 MODES = ("treeflash", "marginal", "chain")
+WINDOW = 8  # shorter than most prompts plus their generations, and than the drafter's block
+SLIDING = {  # config keys that give each family sliding-window layers next to full ones
+    "llama": {"layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": WINDOW},
+    "gemma3_text": {"sliding_window": WINDOW, "sliding_window_pattern": 2},
+}
 
 
 def quantized(model: nn.Module, bits: int | None) -> nn.Module:
@@ -47,3 +55,70 @@ def test_an_unsupported_family_is_refused_in_one_line():
     fake = type("Model", (nn.Module,), {"__module__": "mlx_lm.models.mamba"})()
     with pytest.raises(ValueError, match="is not supported; use a model of the qwen3, qwen3_moe, qwen2, llama"):
         Target(fake)
+
+
+def long_prompts() -> list[list[int]]:
+    """Short prompts that the window overtakes while generating, and one three windows long."""
+    return random_prompts(2, seed=11) + [np.random.default_rng(5).integers(0, 255, 3 * WINDOW).tolist()]
+
+
+@pytest.mark.parametrize("bits", [None, 4], ids=["float", "4-bit"])
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_window_targets_match_mlx_lm_greedy_in_every_mode(tokenizer, family, bits):
+    target = quantized(tiny_target(family, seed=6, extra=SLIDING[family]), bits)
+    assert None in Target(target).windows and WINDOW in Target(target).windows
+    drafter = tiny_drafter(target, block_size=16)  # trees and chains deeper than the window
+    for prompt in long_prompts():
+        reference = mlx_lm_greedy(target, prompt, N_TOKENS)
+        for mode in MODES + ("ar",):  # prefill in chunks of 5: chunks that start past the window
+            out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode,
+                                                    prefill_step_size=5)]
+            assert out == reference, (family, bits, mode, len(prompt))
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_a_tree_deeper_than_the_window_sees_what_mlx_lm_sees(family):
+    """A 20-node path verified as a tree (per-node positions, ancestor mask) and as a causal chunk after a
+    9-token prefix gives mlx-lm's logits, which it computes one token at a time through its rotating caches."""
+    model = tiny_target(family, seed=2, extra=SLIDING[family])
+    tokens = np.random.default_rng(0).integers(0, 255, 30).tolist()
+    cache = model.make_cache()
+    model(mx.array([tokens[:9]]), cache=cache)
+    reference = mx.concatenate([model(mx.array([[t]]), cache=cache)[0] for t in tokens[9:29]])
+    target = Target(model)
+    for as_tree in (True, False):
+        ours = target.make_cache()
+        target.forward(mx.array(tokens[:9]), ours)
+        tree = dict(positions=np.arange(9, 29), parents_mask=np.tril(np.ones((20, 20), dtype=bool)))
+        logits, _ = target.forward(mx.array(tokens[9:29]), ours, **(tree if as_tree else {}))
+        assert np.allclose(np.array(logits), np.array(reference), atol=1e-4), (family, as_tree)
+
+
+def test_a_sliding_window_target_reuses_its_prompt_cache_losslessly(tokenizer):
+    target = tiny_target("llama", seed=4, extra=SLIDING["llama"])
+    drafter = tiny_drafter(target, block_size=16)
+    cache = make_prompt_cache(target, drafter)
+    first = long_prompts()[2]
+    answer = [r.token for r in stream_generate(target, tokenizer, first, 20, drafter=drafter, prompt_cache=cache)]
+    second = first + answer + [7, 8, 9]  # the next turn: the whole conversation again, then more
+    out = [r.token for r in stream_generate(target, tokenizer, second, 20, drafter=drafter, prompt_cache=cache)]
+    assert cache.reused > 2 * WINDOW and out == mlx_lm_greedy(target, second, 20)
+
+
+def test_sliding_windows_without_a_size_or_in_other_families_are_refused_in_one_line():
+    target = tiny_target("llama", extra={"layer_types": ["sliding_attention", "full_attention"] * 2})
+    with pytest.raises(ValueError, match="llama config has sliding-window layers but sliding_window is None"):
+        Target(target)
+    target = tiny_target("qwen3")
+    target.model.layers[1].use_sliding = True  # what a future mlx-lm could give a family we run without windows
+    with pytest.raises(ValueError, match="qwen3 targets with sliding-window attention layers are not supported; "
+                                         "sliding windows run in the llama and gemma3_text families"):
+        Target(target)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere2"])
+def test_other_sliding_window_families_are_refused_by_name(family):
+    fake = type("Model", (nn.Module,), {"__module__": f"mlx_lm.models.{family}", "model_type": family})()
+    with pytest.raises(ValueError, match=f"target model type '{family}' is not supported; use a model of the "):
+        Target(fake)
+
