@@ -122,3 +122,71 @@ def test_other_sliding_window_families_are_refused_by_name(family):
     with pytest.raises(ValueError, match=f"target model type '{family}' is not supported; use a model of the "):
         Target(fake)
 
+
+# Qwen3-Coder-30B-A3B-Instruct's config.json: the keys mlx-lm's qwen3_moe reads.
+CODER_30B = dict(
+    model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+    head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, vocab_size=151936, rms_norm_eps=1e-6,
+    max_position_embeddings=262144, rope_theta=10_000_000.0, tie_word_embeddings=False,
+)
+# peerrh/treeflash-qwen3-coder-30b-a3b's config.json in the published TreeFlash layout. Its file could not be
+# read here (no hub access); this is the config the published rules give for that target: the target's width
+# and attention shape, 5 drafter layers reading 5 target layers spread over [1, n - 3] (the rule of
+# default_target_layer_ids, which other DFlash configs for 48-layer Qwen3 MoE targets follow), block 16, and
+# the mask token every Qwen3 DFlash/TreeFlash drafter uses (151669, a reserved id of the Qwen3 vocabulary).
+CODER_30B_DRAFTER = {
+    "architectures": ["TreeFlashDraftModel"], "model_type": "qwen3", "hidden_size": 2048, "num_hidden_layers": 5,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+    "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+    "attention_bias": False, "block_size": 16, "num_target_layers": 48,
+    "dflash_config": {"target_layer_ids": [1, 12, 23, 34, 45], "mask_token_id": 151669},
+    "treeflash_config": {"ar_approximation": "swiglu", "candidate_tokens": 16},
+}
+# What the tests shrink: nothing the drafter and the target share (width, layer count and ids, block size).
+SMALL_VOCAB = 512  # the mask token moves to the last id, as 151669 sits past Qwen3's ordinary tokens
+SHRINK_TARGET = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                     moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, vocab_size=SMALL_VOCAB)
+SHRINK_DRAFTER = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64,
+                  "vocab_size": SMALL_VOCAB,
+                  "dflash_config": {**CODER_30B_DRAFTER["dflash_config"], "mask_token_id": SMALL_VOCAB - 1}}
+
+
+def test_the_coder_30b_drafter_config_fits_its_target():
+    from types import SimpleNamespace
+
+    from treeflash_mlx.checkpoints import validate
+    from treeflash_mlx.drafter import DrafterConfig, default_target_layer_ids
+
+    config = DrafterConfig.from_dict(CODER_30B_DRAFTER)
+    assert config.target_layer_ids == default_target_layer_ids(48, 5) and config.ar_approximation == "swiglu"
+    target = SimpleNamespace(layers=[None] * 48, hidden_size=2048, vocab_size=151936)
+    validate(config, target)
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: 48 sparse layers per token
+def test_a_coder_30b_shaped_pair_loads_through_the_published_layout_and_stays_lossless(tokenizer, tmp_path):
+    """A drafter of the published Coder-30B config (random weights), written by our writer, exported to the
+    published PyTorch layout and converted back, loads against a qwen3_moe target of the Coder-30B shape where
+    the two meet (width 2048, 48 layers) and decodes greedily as mlx-lm does."""
+    from conftest import save_target
+    from mlx.utils import tree_map
+
+    from treeflash_mlx import load
+    from treeflash_mlx.checkpoints import save_drafter
+    from treeflash_mlx.convert import convert, export
+    from treeflash_mlx.drafter import Drafter, DrafterConfig
+
+    target = tiny_target("qwen3_moe", seed=7, extra={**CODER_30B, **SHRINK_TARGET})
+    save_target(target, tmp_path / "target")
+    mx.random.seed(3)
+    drafter = Drafter(DrafterConfig.from_dict({**CODER_30B_DRAFTER, **SHRINK_DRAFTER}))
+    drafter.update(tree_map(lambda w: w * 2.0, drafter.parameters()))
+    export(save_drafter(drafter, tmp_path / "ours"), tmp_path / "published")
+    assert "model.fc.weight" in mx.load(str(tmp_path / "published" / "model.safetensors"))
+    convert(str(tmp_path / "published"), tmp_path / "converted")
+    model, _, loaded = load(str(tmp_path / "target"), str(tmp_path / "converted"))
+    assert loaded.args.target_layer_ids == [1, 12, 23, 34, 45] and loaded.args.block_size == 16
+    prompt = random_prompts(1, vocab=SMALL_VOCAB, seed=4)[0]
+    out = [r.token for r in stream_generate(model, tokenizer, prompt, 20, drafter=loaded, mode="treeflash")]
+    assert out == mlx_lm_greedy(model, prompt, 20)
