@@ -116,6 +116,13 @@ def test_sliding_windows_without_a_size_or_in_other_families_are_refused_in_one_
         Target(target)
 
 
+def test_windows_mlx_lm_ignores_are_ignored_here_too():
+    """mlx-lm's qwen2.py reads no window keys, and llama.py windows only the layers ``layer_types`` names."""
+    qwen2 = tiny_target("qwen2", extra={"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2})
+    mistral = tiny_target("llama", extra={"sliding_window": WINDOW})  # a Mistral-7B-v0.1-style config
+    assert Target(qwen2).windows == Target(mistral).windows == [None] * 4
+
+
 @pytest.mark.parametrize("family", ["gemma2", "cohere2"])
 def test_other_sliding_window_families_are_refused_by_name(family):
     fake = type("Model", (nn.Module,), {"__module__": f"mlx_lm.models.{family}", "model_type": family})()
