@@ -66,7 +66,7 @@ def window_mask(base, offset: int, query_positions: mx.array, window: int):
     return base & (key_positions[None] > query_positions[:, None] - window)[None, None], lo
 
 
-def _from_key(x, lo: int):
+def _from_position(x, lo: int):
     """Keys or values from position ``lo`` on (a quantized cache gives a tuple of parts)."""
     return tuple(part[..., lo:, :] for part in x) if isinstance(x, tuple) else x[..., lo:, :]
 
@@ -135,7 +135,7 @@ class Target:
             k = attn.rope(k.transpose(1, 2, 0, 3), offset=positions).transpose(2, 1, 0, 3)
         k, v = cache.update_and_fetch(k, v)
         if lo:  # a sliding layer: the keys before lo are outside every query's window
-            k, v = _from_key(k, lo), _from_key(v, lo)
+            k, v = _from_position(k, lo), _from_position(v, lo)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
         return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
