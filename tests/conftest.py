@@ -60,11 +60,15 @@ def target_config(family: str, vocab: int = 256, hidden: int = 64, layers: int =
     if family == "qwen3_moe":  # every layer sparse: 4 experts, 2 per token
         config.update(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
                       moe_intermediate_size=hidden, norm_topk_prob=True)
+    if family == "gemma3_text":  # every other layer local, with a window short prompts already pass
+        config.update(head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=8,
+                      sliding_window_pattern=2, rope_local_base_freq=10000.0, rope_theta=1_000_000.0)
     return config
 
 
-def tiny_target(family: str = "qwen3", seed: int = 0, **kwargs) -> nn.Module:
-    config = target_config(family, **kwargs)
+def tiny_target(family: str = "qwen3", seed: int = 0, extra: dict | None = None, **kwargs) -> nn.Module:
+    """A random mlx-lm model of ``family``; ``extra`` adds or overrides config keys."""
+    config = {**target_config(family, **kwargs), **(extra or {})}
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))

@@ -3,6 +3,11 @@
 mlx-lm's ``Model.__call__`` takes no mask, gives RoPE one offset per call and returns no hidden states, so
 this module runs the target's own layers itself: same weights, same modules (quantized ones included),
 with per-token positions, an ancestor mask, and the outputs of the layers the drafter reads.
+
+Sliding-window layers (llama/mistral ``layer_types``, Gemma 3's local layers) keep a plain K/V cache like every
+other layer, so compaction and prompt caches need nothing special; their attention is cut to the window instead.
+mlx-lm gives them a ``RotatingKVCache(max_size=window)``, under which the token at position p sees exactly the
+keys at positions p - window < j <= p (docs/algorithm.md, "Sliding windows"); the masks here give the same set.
 """
 
 from __future__ import annotations
@@ -12,8 +17,58 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.gemma3_text import clip_residual  # the residual sum Gemma 3 clips in float16
 
-SUPPORTED_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama")
+SUPPORTED_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama", "gemma3_text")
+SLIDING_FAMILIES = ("llama", "gemma3_text")  # the families whose sliding-window layers this module runs
+
+
+def layer_windows(model: nn.Module, family: str) -> list[int | None]:
+    """Each layer's attention window (None: the whole context), as mlx-lm's ``make_cache`` sizes its caches."""
+    layers = model.model.layers
+    if family == "llama":
+        sliding = [layer.use_sliding for layer in layers]
+        window = model.model.sliding_window
+    elif family == "gemma3_text":
+        sliding = [layer.self_attn.is_sliding for layer in layers]
+        window = model.args.sliding_window
+    else:
+        sliding = [getattr(layer, "use_sliding", False) or getattr(layer.self_attn, "is_sliding", False)
+                   for layer in layers]
+        window = None
+        if any(sliding):
+            raise ValueError(
+                f"{family} targets with sliding-window attention layers are not supported; sliding windows run "
+                f"in the {' and '.join(SLIDING_FAMILIES)} families"
+            )
+    if any(sliding) and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"the {family} config has sliding-window layers but sliding_window is {window!r}; set it")
+    return [window if s else None for s in sliding]
+
+
+def window_mask(base, offset: int, query_positions: mx.array, window: int):
+    """The attention mask of a sliding layer over the keys at positions >= ``lo``, and ``lo``.
+
+    Query q at position p sees key j iff ``base`` lets it and p - window < pos(j). The keys before
+    lo = offset - window + 1 are out of every query's window (no query sits before ``offset``), so they are
+    sliced off; a single causal token then sees exactly its window and needs no mask at all."""
+    lo = max(0, offset - window + 1)
+    n = query_positions.shape[0]
+    if isinstance(base, str) or base is None:  # contiguous tokens after the prefix
+        if n == 1:
+            return None, lo
+        if offset + n - lo <= window:  # the last query still sees the first kept key: plain causal
+            return "causal", lo
+        base = (mx.arange(lo, offset + n)[None] <= query_positions[:, None])[None, None]
+    else:
+        base = base[..., lo:]
+    key_positions = mx.concatenate([mx.arange(lo, offset), query_positions])
+    return base & (key_positions[None] > query_positions[:, None] - window)[None, None], lo
+
+
+def _from_position(x, lo: int):
+    """Keys or values from position ``lo`` on (a quantized cache gives a tuple of parts)."""
+    return tuple(part[..., lo:, :] for part in x) if isinstance(x, tuple) else x[..., lo:, :]
 
 
 class Target:
@@ -28,8 +83,7 @@ class Target:
                 f"target model type {model_type!r} is not supported; use a model of the "
                 f"{', '.join(SUPPORTED_FAMILIES)} families"
             )
-        if any(getattr(layer, "use_sliding", False) for layer in model.model.layers):
-            raise ValueError("target models with sliding-window attention layers are not supported")
+        self.windows = layer_windows(model, family)
         self.model = model
         self.family = family
         self.layers = model.model.layers
@@ -52,7 +106,21 @@ class Target:
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def _attention(self, attn, x, mask, cache, positions):
+    def embed(self, tokens: mx.array) -> mx.array:
+        h = self.embed_tokens(tokens)
+        if self.family == "gemma3_text":  # Gemma scales its embeddings by sqrt(hidden), rounded through bf16
+            h = h * mx.array(self.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+        return h
+
+    def _block(self, layer, h, mask, cache, positions, lo):
+        attn = self._attention(layer.self_attn, layer.input_layernorm(h), mask, cache, positions, lo)
+        if self.family == "gemma3_text":  # Gemma 3 also norms each sublayer's output before adding it
+            h = clip_residual(h, layer.post_attention_layernorm(attn))
+            return clip_residual(h, layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h))))
+        h = h + attn
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _attention(self, attn, x, mask, cache, positions, lo=0):
         B, L, _ = x.shape
         q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
         k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
@@ -66,6 +134,8 @@ class Target:
             q = attn.rope(q.transpose(1, 2, 0, 3), offset=positions).transpose(2, 1, 0, 3)
             k = attn.rope(k.transpose(1, 2, 0, 3), offset=positions).transpose(2, 1, 0, 3)
         k, v = cache.update_and_fetch(k, v)
+        if lo:  # a sliding layer: the keys before lo are outside every query's window
+            k, v = _from_position(k, lo), _from_position(v, lo)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
         return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -93,11 +163,16 @@ class Target:
             # device from the (n, n) tree part, so the host does O(n²) work per round whatever the context.
             mask = mx.concatenate([mx.ones((n, offset), dtype=mx.bool_), mx.array(parents_mask)], axis=1)[None, None]
             rope_positions = mx.array(positions.astype(np.int32))
-        h = self.embed_tokens(tokens[None])
+        masks = {None: (mask, 0)}  # per window: (mask, first key kept)
+        if any(self.windows):
+            query_positions = mx.arange(offset, offset + n) if positions is None else rope_positions
+            for w in set(self.windows) - {None}:
+                masks[w] = window_mask(mask, offset, query_positions, w)
+        h = self.embed(tokens[None])
         features = {}
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), mask, c, rope_positions)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for i, (layer, c, w) in enumerate(zip(self.layers, cache, self.windows)):
+            layer_mask, lo = masks[w]
+            h = self._block(layer, h, layer_mask, c, rope_positions, lo)
             if i in capture:
                 features[i] = h
         if last_only:
