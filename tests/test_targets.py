@@ -197,3 +197,10 @@ def test_a_coder_30b_shaped_pair_loads_through_the_published_layout_and_stays_lo
     prompt = random_prompts(1, vocab=SMALL_VOCAB, seed=4)[0]
     out = [r.token for r in stream_generate(model, tokenizer, prompt, 20, drafter=loaded, mode="treeflash")]
     assert out == mlx_lm_greedy(model, prompt, 20)
+
+
+def test_a_quantized_kv_cache_is_refused_for_sliding_window_targets_in_one_line(tokenizer):
+    """mlx-lm cannot quantize the rotating caches of sliding layers, so there is no output to match."""
+    target = tiny_target("llama", seed=4, extra=SLIDING["llama"])
+    with pytest.raises(ValueError, match="kv_bits is not supported for targets with sliding-window layers"):
+        list(stream_generate(target, tokenizer, [1, 2, 3], 4, kv_bits=8, kv_group_size=32))

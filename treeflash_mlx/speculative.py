@@ -167,6 +167,8 @@ def generate_step(
     target = Target(model)
     drafting = drafting or Drafting()
     integer("prefill_step_size", prefill_step_size, low=1)
+    if kv_bits is not None and any(target.windows):  # mlx-lm's rotating caches cannot be quantized either
+        raise ValueError("kv_bits is not supported for targets with sliding-window layers; leave the K/V cache float")
     kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, head_dim(model))
     progress = prompt_progress_callback or (lambda *_: None)
     prompt = token_ids(prompt, target.vocab_size)

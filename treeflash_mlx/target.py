@@ -68,7 +68,7 @@ def window_mask(base, offset: int, query_positions: mx.array, window: int):
 
 def _from_position(x, lo: int):
     """Keys or values from position ``lo`` on (a quantized cache gives a tuple of parts)."""
-    return tuple(part[..., lo:, :] for part in x) if isinstance(x, tuple) else x[..., lo:, :]
+    return tuple(part[..., lo:, :] for part in x) if isinstance(x, (tuple, list)) else x[..., lo:, :]
 
 
 class Target:
