@@ -136,8 +136,11 @@ def test_long_prompts_must_fit_the_models_context(models, capsys):
 
 @needs_peer
 def test_the_peer_runs_interleaved_with_ours_on_the_same_drafter(models, tmp_path, capsys):
+    before = benchmark.model_class_calls()
     table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain,dflash-mlx,dflash-mlx-ddtree",
                           "--profile-prompts", "0")
+    after = benchmark.model_class_calls()
+    assert all(after[cls] is call for cls, call in before.items()), "the peer's hooks outlive the run"
     rows = {r["mode"]: r for r in report["results"]}
     assert list(rows) == ["ar", "chain", "dflash-mlx", "dflash-mlx-ddtree"]
     assert all(r["lossless"] for r in rows.values()) and table.count("| yes |") == 4

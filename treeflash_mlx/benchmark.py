@@ -16,6 +16,7 @@ reported in the table, never hidden.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -188,10 +189,22 @@ def check_peer(peer_modes: list[str], args: argparse.Namespace) -> None:
         raise ValueError(f"mode(s) {peer_modes} need --drafter (exported to the DFlash layout) or --peer-drafter")
 
 
-def load_peer(model_path: str, args: argparse.Namespace) -> dict:
+def model_class_calls() -> dict:
+    """``__call__`` of every class of the mlx-lm model modules imported so far."""
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("mlx_lm.models.") and m is not None]
+    return {cls: cls.__dict__["__call__"] for m in modules for cls in vars(m).values()
+            if isinstance(cls, type) and cls.__module__ == m.__name__ and "__call__" in cls.__dict__}
+
+
+def load_peer(model_path: str, args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
     """dflash-mlx's own copy of the target with the drafter in the DFlash layout (``--peer-drafter``, or
     ``--drafter`` exported to a temporary directory), loaded once, and one runtime context per verify mode.
-    Its drafter context window is ours (--draft-window, by default generate's; 0: the whole context)."""
+    Its drafter context window is ours (--draft-window, by default generate's; 0: the whole context).
+
+    Loading it installs its hooks on mlx-lm's attention classes for the whole process; ``cleanup`` puts the
+    classes back when the run ends, so that whoever called the benchmark in-process gets mlx-lm's models."""
+    saved = model_class_calls()
+    cleanup.callback(lambda: [setattr(cls, "__call__", call) for cls, call in saved.items()])
     from dflash_mlx.runtime import VerifyConfig, get_stop_token_ids
     from dflash_mlx.runtime.bundle import load_runtime_bundle
     from dflash_mlx.runtime.context import build_offline_runtime_context
@@ -375,6 +388,11 @@ def check_modes(modes: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as cleanup:
+        _run(args, cleanup)
+
+
+def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     check_modes(modes)
     if args.max_tokens < 1 or args.num_prompts < 1:
@@ -406,7 +424,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("mode 'draft-model' needs --draft-model (a small model with the same tokenizer)")
     model, tokenizer, drafter = load(args.model, args.drafter)
     draft_model = load(args.draft_model)[0] if "draft-model" in modes else None
-    peer = load_peer(args.model, args) if peer_modes else None
+    peer = load_peer(args.model, args, cleanup) if peer_modes else None
     if any(base_mode(m) == "treeflash" for m in modes) and drafter is not None and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head")
     if args.prompts == "long":

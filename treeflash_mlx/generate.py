@@ -64,6 +64,8 @@ def check_args(args: argparse.Namespace) -> None:
     integer("--repetition-context-size", args.repetition_context_size, low=1)
     if args.seed is not None:
         integer("--seed", args.seed, low=0, high=MAX_SEED)
+    if args.draft_temp is not None:
+        finite("--draft-temp", args.draft_temp, low=0, low_open=True)
     integer("--prefill-step-size", args.prefill_step_size, low=1)
     quantized_kv.check_arguments(args)
 
