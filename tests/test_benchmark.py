@@ -178,13 +178,20 @@ def test_the_peer_modes_fail_up_front_when_they_cannot_run(models, capsys, monke
 
 
 @needs_peer
-def test_the_peer_refuses_what_it_cannot_run_in_one_line(models, tmp_path, capsys):
+def test_a_sub_vocabulary_drafter_runs_in_the_peer_over_the_whole_vocabulary(models, tmp_path, capsys):
     target = tiny_target("qwen3", seed=4)
     drafter = save_drafter(tiny_drafter(target, block_size=6, sub_vocab=[3, 1, 4]), tmp_path / "sub")
-    assert main(["--model", str(models[0]), "--drafter", str(drafter), "--modes", "dflash-mlx"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "dflash-mlx modes run --drafter in the DFlash layout" in err, err
-    assert "sub-vocabulary of 3 tokens" in err
+    out = tmp_path / "out"
+    assert main(["--model", str(models[0]), "--drafter", str(drafter), "--modes", "dflash-mlx", "--num-prompts", "1",
+                 "--max-tokens", "8", "--profile-prompts", "0", "--output", str(out)]) == 0
+    assert "backbone over the whole vocabulary" in capsys.readouterr().err
+    report = json.loads((out / "results.json").read_text())
+    assert report["peer_sub_vocab_dropped"] is True and report["results"][1]["lossless"] is True
+
+
+@needs_peer
+def test_the_peer_refuses_what_it_cannot_run_in_one_line(models, tmp_path, capsys):
+    target = tiny_target("qwen3", seed=4)
     layout = save_drafter(tiny_drafter(target, block_size=6, head=False), tmp_path / "no-tie", layout="dflash")
     assert main(["--model", str(models[0]), "--peer-drafter", str(layout), "--modes", "dflash-mlx"]) == 1
     err = capsys.readouterr().err.strip()

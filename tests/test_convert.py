@@ -218,6 +218,22 @@ def test_the_dflash_layout_refuses_a_sub_vocabulary_in_one_line(target, tmp_path
     assert "--layout chooses what --export writes" in capsys.readouterr().err
 
 
+def test_drop_sub_vocab_exports_the_same_backbone_scoring_the_whole_vocabulary(target, tmp_path, capsys):
+    drafter = tiny_drafter(target, block_size=B, sub_vocab=[7, 1, 99, 250])
+    mine = save_drafter(drafter, tmp_path / "mine")
+    assert main(["--export", "--drop-sub-vocab", "--mlx-path", str(mine), "--hf-path", str(tmp_path / "x")]) == 1
+    assert "--drop-sub-vocab goes with --layout dflash" in capsys.readouterr().err
+    assert main(["--export", "--layout", "dflash", "--drop-sub-vocab", "--mlx-path", str(mine),
+                 "--hf-path", str(tmp_path / "hf")]) == 0
+    back, _ = load_drafter(tmp_path / "hf")
+    assert "sub_vocab" not in back and back.args.sub_vocab_size is None and not back.has_head
+    want = {k: v for k, v in tree_flatten(drafter.parameters()) if k.startswith("model.")}
+    got = dict(tree_flatten(back.parameters()))
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.array(got[k]), np.array(want[k]), err_msg=k)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch /tmp/treeflash-pwned",))

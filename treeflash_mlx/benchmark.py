@@ -33,6 +33,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
 from .drafting import DEFAULT_SINKS, PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
+from .checkpoints import load_drafter
 from .loading import load, read_jsonl_prompts
 from .prompt_cache import make_prompt_cache
 from .speculative import RoundStats, stream_generate
@@ -213,7 +214,10 @@ def load_peer(model_path: str, args: argparse.Namespace, cleanup: contextlib.Exi
 
     with tempfile.TemporaryDirectory(prefix="treeflash-peer-") as tmp:
         try:
-            drafter = args.peer_drafter or export(args.drafter, Path(tmp) / "dflash", layout="dflash")
+            # A sub-vocabulary has no place in the DFlash layout: the peer's copy of the backbone scores the
+            # whole vocabulary (results.json says so in peer_sub_vocab_dropped).
+            drafter = args.peer_drafter or export(args.drafter, Path(tmp) / "dflash", layout="dflash",
+                                                  drop_sub_vocab=True)
         except ValueError as err:
             raise ValueError(f"the dflash-mlx modes run --drafter in the DFlash layout: {err}") from err
         try:
@@ -227,7 +231,12 @@ def load_peer(model_path: str, args: argparse.Namespace, cleanup: contextlib.Exi
     window = {"draft_window_size": args.draft_window or 1 << 30,  # its cache grows by concatenation: no allocation
               "draft_sink_size": DEFAULT_SINKS if args.draft_sinks is None else args.draft_sinks}
     contexts = {m: build_offline_runtime_context(verify_mode=v, **window) for m, v in PEER_MODES.items()}
-    return {"bundle": bundle, "contexts": contexts, "stop": get_stop_token_ids(bundle.tokenizer)}
+    dropped = args.peer_drafter is None and "sub_vocab" in load_drafter(args.drafter)[0]
+    if dropped:
+        print("dflash-mlx runs --drafter's backbone over the whole vocabulary: the DFlash layout has no "
+              "sub-vocabulary", file=sys.stderr)
+    return {"bundle": bundle, "contexts": contexts, "stop": get_stop_token_ids(bundle.tokenizer),
+            "sub_vocab_dropped": dropped}
 
 
 def run_peer(peer: dict, tokenizer, prompt, mode: str, args) -> dict:
@@ -446,7 +455,8 @@ def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> None:
         groups = [(None, prompts)]
     else:
         groups = [(n, [p[:n] for p in prompts]) for n in args.context_lengths]
-    report = {"model": args.model, "drafter": args.drafter, "draft_model": args.draft_model, "prompts": args.prompts,
+    report = {"model": args.model, "drafter": args.drafter, "draft_model": args.draft_model,
+              **({"peer_sub_vocab_dropped": peer["sub_vocab_dropped"]} if peer else {}), "prompts": args.prompts,
               "num_prompts": len(prompts), "max_tokens": args.max_tokens, "temp": args.temp,
               "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab}
     measured = []

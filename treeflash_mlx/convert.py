@@ -248,10 +248,11 @@ def convert(
 
 
 def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, force: bool = False,
-           layout: str = "treeflash") -> Path:
+           layout: str = "treeflash", drop_sub_vocab: bool = False) -> Path:
     """Write an MLX drafter (quantized ones are dequantized) in the published PyTorch/Hugging Face layout:
     ``treeflash`` (ours, every tensor kept) or ``dflash`` (the backbone alone, as DFlash checkpoints and
-    dflash-mlx read it: no head, no sub-vocabulary)."""
+    dflash-mlx read it: no head, no sub-vocabulary). A drafter with a sub-vocabulary goes to the DFlash layout
+    only with ``drop_sub_vocab``: the backbone is kept as it is and then scores the whole vocabulary."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if layout not in EXPORT_LAYOUTS:
@@ -269,6 +270,9 @@ def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, 
     config = drafter.args.to_dict()
     notes = ["exported to the published PyTorch layout", f"dtype: {dtype or 'as stored'}"]
     if layout == "dflash":
+        if drop_sub_vocab and "sub_vocab" in weights:
+            weights.pop("sub_vocab")  # its size lives in treeflash_config, which the DFlash layout drops
+            notes.append("sub-vocabulary dropped: the backbone scores the whole vocabulary")
         weights, config = dflash_layout(weights, config, src)
         notes[0] = "exported to the DFlash layout (backbone only" + (", AR head dropped)" if drafter.has_head else ")")
     elif not drafter.has_head:  # the published DFlash layout has no "model." prefix
@@ -285,7 +289,8 @@ def dflash_layout(weights: dict[str, mx.array], config: dict, src: Path) -> tupl
     sub-vocabulary, which DFlash drafters do not have (dropping it would change what the drafter proposes)."""
     if "sub_vocab" in weights:
         raise ValueError(f"drafter '{src}' drafts over a sub-vocabulary of {weights['sub_vocab'].size} tokens, "
-                         "which the DFlash layout cannot hold; export it in the TreeFlash layout")
+                         "which the DFlash layout cannot hold; export it in the TreeFlash layout, or pass "
+                         "--drop-sub-vocab to score the whole vocabulary with its backbone")
     weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     config = {k: v for k, v in config.items() if k != "treeflash_config"}
     config["architectures"] = ["DFlashDraftModel"]
@@ -307,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=EXPORT_LAYOUTS, default=None,
                    help="with --export: treeflash (default; every tensor) or dflash (the backbone alone, as DFlash "
                         "checkpoints and dflash-mlx read it)")
+    p.add_argument("--drop-sub-vocab", action="store_true",
+                   help="with --layout dflash: drop a drafter's sub-vocabulary (its backbone then scores the whole "
+                        "vocabulary, which the DFlash layout implies)")
     return p
 
 
@@ -314,7 +322,10 @@ def run(args: argparse.Namespace) -> None:
     if args.export:
         if args.quantize:
             raise ValueError("--export writes the published (unquantized) layout; drop -q")
-        out = export(args.mlx_path, args.hf_path, args.dtype, args.force, args.layout or "treeflash")
+        if args.drop_sub_vocab and args.layout != "dflash":
+            raise ValueError("--drop-sub-vocab goes with --layout dflash (the TreeFlash layout keeps the sub-vocabulary)")
+        out = export(args.mlx_path, args.hf_path, args.dtype, args.force, args.layout or "treeflash",
+                     args.drop_sub_vocab)
     else:
         if args.layout is not None:
             raise ValueError("--layout chooses what --export writes; conversion reads either layout as it is")
