@@ -63,7 +63,8 @@ def test_an_interrupted_run_resumes_to_the_same_state(setup, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         run(setup, tmp_path / "resumed", "--steps", 6, "--save-every", 3)
     monkeypatch.setattr(train_module, "losses", real)
-    assert json.loads((tmp_path / "resumed.work" / "state.json").read_text())["step"] == 3
+    (state,) = (tmp_path / "resumed.work").glob("runs/*/state.json")
+    assert json.loads(state.read_text())["step"] == 3
     run(setup, tmp_path / "resumed", "--steps", 6, "--save-every", 3)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -121,8 +122,27 @@ def test_bad_settings_fail_before_any_work(setup, tmp_path):
 
 def test_a_work_dir_of_other_settings_is_not_reused(setup, tmp_path):
     run(setup, tmp_path / "d", "--steps", 1)
-    with pytest.raises(ValueError, match="holds a run with other settings \\(gen_tokens\\)"):
+    with pytest.raises(ValueError, match="holds answers made with other settings \\(gen_tokens\\)"):
         run(setup, tmp_path / "d", "--steps", 2, "--gen-tokens", 30)
+
+
+def test_other_drafter_settings_reuse_the_answers_in_a_run_of_their_own(setup, tmp_path, monkeypatch):
+    run(setup, tmp_path / "d", "--steps", 2)
+    work = tmp_path / "d.work"
+    shards = {p.name: p.stat().st_mtime_ns for p in (work / "shards").iterdir()}
+    answered = []
+    real = train_module.answer_with_features
+    monkeypatch.setattr(train_module, "answer_with_features", lambda *a, **k: answered.append(1) or real(*a, **k))
+    run(setup, tmp_path / "d", "--steps", 2, "--block-size", 4, "--intermediate-size", 32)
+    assert answered == [], "the stored answers must be reused, not made again"
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "shards").iterdir()} == shards
+    runs = sorted(p.name for p in (work / "runs").iterdir())
+    assert len(runs) == 2 and runs[0].startswith("full-b4-") and runs[1].startswith("full-b6-")
+    metas = [json.loads((work / "runs" / r / "meta.json").read_text()) for r in runs]
+    assert [(m["block_size"], m["intermediate_size"]) for m in metas] == [(4, 32), (6, None)]
+    run(setup, tmp_path / "d", "--steps", 3)  # back to the first settings: that run resumes, no third one
+    assert len(list((work / "runs").iterdir())) == 2
+    assert json.loads((work / "runs" / runs[1] / "state.json").read_text())["step"] == 3
 
 
 def test_answers_are_the_targets_greedy_words_and_features_its_layers_outputs(setup):
@@ -139,16 +159,24 @@ def test_answers_are_the_targets_greedy_words_and_features_its_layers_outputs(se
     ids = [0, 2]
     expected = [mlx_lm_greedy(model, p, 12) for p in prompts]
     stop = expected[1][4]  # a token the second answer reaches: it must end there, the others need not
-    got = answer_with_features(model, prompts, 12, ids, {stop})
+    got = answer_with_features(model, prompts, 12, ids, {stop}, top_k=5)
     target = Target(model)
-    for p, want, (tokens, plen, feats) in zip(prompts, expected, got):
+    for p, want, (tokens, plen, feats, label_ids, label_logits) in zip(prompts, expected, got):
         answer = tokens[plen:].tolist()
         cut = want.index(stop) + 1 if stop in want else len(want)
         assert plen == len(p) and answer == want[:cut]
-        _, ref = target.forward(mx.array(tokens[:-1]), target.make_cache(), ids)
+        logits, ref = target.forward(mx.array(tokens[:-1]), target.make_cache(), ids)
         np.testing.assert_allclose(feats[:-1].astype(np.float32), np.array(ref), atol=2e-2, rtol=2e-2)
         assert not feats[-1].any(), "the last token is never fed: its features are zeros"
-    assert len(got[1][0]) - got[1][1] <= 5, "the second answer stops at its stop token"
+        # Labels: at each answer position the target's 5 most likely tokens there and their logits.
+        logits = np.array(logits)[plen - 1 :]  # the logits at position i predict the token at i + 1
+        assert (label_ids[:plen] == 0).all() and np.isneginf(label_logits[:plen]).all()
+        for j in range(len(answer)):
+            top5 = np.argsort(-logits[j])[:5]
+            assert set(label_ids[plen + j].tolist()) == set(top5.tolist())
+            np.testing.assert_allclose(label_logits[plen + j], logits[j][label_ids[plen + j]], atol=1e-4)
+            assert label_ids[plen + j][np.argmax(label_logits[plen + j])] == answer[j], "top-1 is the greedy token"
+    assert len(got[1].tokens) - got[1].prompt_len <= 5, "the second answer stops at its stop token"
 
 
 def test_a_sub_vocabulary_is_the_most_frequent_answer_tokens_and_drives_training(setup, tmp_path):
@@ -159,12 +187,13 @@ def test_a_sub_vocabulary_is_the_most_frequent_answer_tokens_and_drives_training
     work = tmp_path / "d.work"
     from treeflash_mlx.train import Corpus, sub_vocabulary
 
+    (run_dir,) = (work / "runs").iterdir()
     answers = Corpus(work / "shards", 10**9).answer_tokens()
     counts = np.bincount(answers, minlength=256)
     assert len(vocab) == 40 and len(set(vocab.tolist())) == 40
     assert counts[vocab].min() >= np.delete(counts, vocab).max(), "a rarer token was kept over a more frequent one"
     assert (vocab == sub_vocabulary(answers, 40, 256)).all()
-    curve = [json.loads(line) for line in (work / "tau_curve.jsonl").read_text().splitlines()]
+    curve = [json.loads(line) for line in (run_dir / "tau_curve.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [15, 30]
     assert curve[0]["label_tokens"] < curve[1]["label_tokens"] == report["label_tokens"]
     first = run(setup, tmp_path / "one", "--steps", 1, "--sub-vocab-size", 40)["final_loss"]
@@ -251,3 +280,75 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_files(set
     assert proc.returncode == 1 and last.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith(("tmp-", "."))]
     assert leftovers == [] and not (tmp_path / "d").exists()
+
+
+def test_the_losses_are_the_kl_from_the_targets_distribution_at_each_labelled_position():
+    """The training losses, written out in numpy from the inference drafter: the block loss at depth d of the
+    block rooted at a is KL(q_{a+d} || drafter), q the stored top-K logits renormalised over the sub-vocabulary;
+    the head loss the same after the head, given the true token at a+d-1; depths weighted, invalid labels out."""
+    import mlx.core as mx
+
+    from conftest import tiny_drafter
+    from treeflash_mlx.target import Target
+    from treeflash_mlx.train import DEPTH_DECAY, losses, output_rows
+
+    model = tiny_target("qwen3", seed=3)
+    target = Target(model)
+    vocab = list(range(0, 256, 2))  # a sub-vocabulary: the even ids
+    drafter = tiny_drafter(model, layers=1, block_size=4, sub_vocab=vocab)
+    rng = np.random.default_rng(1)
+    S, T, K, B = 2, 14, 3, 4
+    F = len(drafter.args.target_layer_ids) * 64
+    seqs = rng.integers(0, 255, size=(S, T))
+    lengths = np.array([14, 11])
+    feats = rng.normal(size=(S, T, F)).astype(np.float32)
+    anchors = np.array([[2, 6, 9], [3, 8, 9]])  # the last block of sequence 1 runs past its length
+    ids = rng.integers(0, 256, size=(S, T, K))
+    ids[0, 4] = [1, 3, 5]  # a position with no label inside the sub-vocabulary
+    logits = rng.normal(size=(S, T, K)).astype(np.float32) * 3
+    rows, column = output_rows(drafter, target)
+    total, block, head = losses(drafter, target, rows, column, mx.array(seqs), mx.array(lengths), mx.array(feats),
+                                mx.array(anchors), mx.array(ids), mx.array(logits), "full")
+
+    W = np.array(rows)
+    col = {t: i for i, t in enumerate(vocab)}
+    sums = {"block": np.zeros(B - 1), "head": np.zeros(B - 1)}
+    counts = np.zeros(B - 1)
+    for s in range(S):
+        for a in anchors[s]:
+            cache = drafter.make_cache()
+            drafter.append_context(mx.array(feats[s : s + 1, :a]), cache)
+            block_ids = [int(seqs[s, a])] + [drafter.args.mask_token_id] * (B - 1)
+            hidden = drafter(target.embed_tokens(mx.array([block_ids])), cache)[0]
+            for d in range(1, B):
+                p = a + d
+                keep = [k for k in range(K) if int(ids[s, p, k]) in col] if p < lengths[s] else []
+                if not keep:
+                    continue
+                z = logits[s, p, keep]
+                q = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+                cols = [col[int(ids[s, p, k])] for k in keep]
+                prev = target.embed_tokens(mx.array([int(seqs[s, p - 1])]))
+                for name, h in (("block", hidden[d]), ("head", drafter.correct(hidden[d][None], prev)[0])):
+                    out = np.array(drafter.model.norm(h)) @ W.T
+                    logp = out - out.max() - np.log(np.exp(out - out.max()).sum())
+                    sums[name][d - 1] += (q * (np.log(q) - logp[cols])).sum()
+                counts[d - 1] += 1
+    w = np.exp(-np.arange(B - 1) / DEPTH_DECAY)
+    w /= w.sum()
+    for name, got in (("block", block), ("head", head)):
+        want = (sums[name] / np.maximum(counts, 1) * w).sum()
+        np.testing.assert_allclose(float(got), want, rtol=2e-4, err_msg=name)
+    np.testing.assert_allclose(float(total), float(block) + float(head), rtol=1e-6)
+
+
+def test_label_top_k_1_trains_on_the_greedy_token_alone(setup, tmp_path):
+    run(setup, tmp_path / "d", "--steps", 2, "--label-top-k", 1)
+    corpus_dir = tmp_path / "d.work" / "shards"
+    from treeflash_mlx.train import Corpus
+
+    corpus = Corpus(corpus_dir, 10**9)
+    for i in range(len(corpus)):
+        s, a, n, p = corpus.rows[i]
+        assert corpus.label_ids[s].shape[-1] == 1
+        np.testing.assert_array_equal(corpus.label_ids[s][a + p : a + n, 0], corpus.tokens[s][a + p : a + n])

@@ -26,12 +26,14 @@ The recipe and why (docs/training.md has the long form):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,14 +45,16 @@ from ._cli import run_cli
 from .checkpoints import load_drafter, save_drafter, save_weights, validate
 from .drafter import Drafter, DrafterConfig
 from .loading import load, read_jsonl_prompts
-from .speculative import stream_generate
+from .drafting import make_drafting
+from .replay import replay
 from .target import Target
 
 DEPTH_DECAY = 7.0
 MODES = ("full", "head", "backbone")
-# Settings a work directory is bound to: data and features made with others cannot be reused.
-BINDING = ("model", "drafter", "mode", "target_layer_ids", "block_size", "prompt_tokens", "gen_tokens", "gen_batch",
-           "seed", "data", "sub_vocab_size", "layers", "intermediate_size")
+# The settings a work directory's answers and features were made with: other ones cannot reuse them.
+DATA_BINDING = ("model", "target_layer_ids", "prompt_tokens", "gen_tokens", "gen_batch", "label_top_k", "seed", "data")
+# The settings of one optimisation run inside it (``runs/<key>``): other ones start a run of their own.
+RUN_BINDING = ("drafter", "mode", "block_size", "sub_vocab_size", "layers", "intermediate_size")
 
 
 def _progress(total: int, initial: int, what: str, unit: str):
@@ -86,13 +90,24 @@ def read_prompts(files: list[Path], tokenizer, prompt_tokens: int, count: int, r
     return prompts[:count]
 
 
+class Answer(NamedTuple):
+    """One prompt and the target's greedy answer, with what the drafter learns from at every position."""
+
+    tokens: np.ndarray  # (T,) the prompt, then the answer
+    prompt_len: int
+    features: np.ndarray  # (T, F) the outputs of the target layers read; the last row zeros (never fed)
+    label_ids: np.ndarray  # (T, K) the target's K most likely tokens at each answer position (its distribution
+    label_logits: np.ndarray  # (T, K)  over the token there); their logits. Prompt rows: ids 0, logits -inf
+
+
 def answer_with_features(model: nn.Module, prompts: list[list[int]], gen_tokens: int, layer_ids: list[int],
-                         stop_ids: set[int], pad_id: int = 0) -> list[tuple[np.ndarray, int, np.ndarray]]:
-    """The target's greedy answers to a batch of prompts, read off with its features at every position.
+                         stop_ids: set[int], top_k: int = 32, pad_id: int = 0,
+                         dtype: mx.Dtype = mx.float16) -> list[Answer]:
+    """The target's greedy answers to a batch of prompts, read off with its features at every position and its
+    ``top_k`` most likely tokens (with their logits) at every answer position: the drafter's soft labels.
 
     Prompts are left-padded into one batch (mlx-lm's ``BatchKVCache`` masks the padding). Each answer stops
-    after a token of ``stop_ids`` (kept) or at ``gen_tokens``. Returns, per prompt, (tokens, prompt length,
-    features (len(tokens), F) float16); the last token's features are zeros: no pass ever reads it."""
+    after a token of ``stop_ids`` (kept) or at ``gen_tokens``. Features are stored in ``dtype``."""
     from mlx_lm.models.base import create_attention_mask
     from mlx_lm.models.cache import BatchKVCache
 
@@ -103,8 +118,9 @@ def answer_with_features(model: nn.Module, prompts: list[list[int]], gen_tokens:
     x = mx.array([[pad_id] * pad + p for pad, p in zip(pads, prompts)])
     cache = [BatchKVCache(pads) for _ in target.layers]
     keep = set(layer_ids)
+    k = max(1, min(top_k, target.vocab_size))
 
-    def forward(tokens: mx.array) -> tuple[mx.array, mx.array]:
+    def forward(tokens: mx.array) -> tuple[mx.array, ...]:
         h = target.embed_tokens(tokens)
         mask = create_attention_mask(h, cache[0])
         feats = []
@@ -112,54 +128,60 @@ def answer_with_features(model: nn.Module, prompts: list[list[int]], gen_tokens:
             h = layer(h, mask, c)
             if i in keep:
                 feats.append(h)
-        logits = target.lm_head(target.model.model.norm(h[:, -1]))
-        return mx.argmax(logits, axis=-1), mx.concatenate(feats, axis=-1).astype(mx.float16)
+        logits = target.lm_head(target.model.model.norm(h[:, -1])).astype(mx.float32)
+        # The top-k logits, not log-probabilities: training normalises them over the tokens it scores, and
+        # the exp over the whole vocabulary for every answered token would cost a fifth of the answering.
+        ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+        return (mx.argmax(logits, axis=-1), mx.concatenate(feats, axis=-1).astype(dtype), ids,
+                mx.take_along_axis(logits, ids, axis=-1))
 
-    y, feats = forward(x)
-    mx.eval(y, feats)
-    steps_feats, steps_tokens = [np.array(feats)], [np.array(y)]
-    done = np.isin(steps_tokens[-1], list(stop_ids))
+    def step(tokens: mx.array) -> list[np.ndarray]:
+        out = forward(tokens)
+        mx.eval(out)
+        return [np.array(a) for a in out]
+
+    steps = [step(x)]  # per step: next tokens (N,), features (N, L, F), label ids (N, k), label logits (N, k)
+    done = np.isin(steps[-1][0], list(stop_ids))
     for _ in range(gen_tokens - 1):
         if done.all():
             break
-        y, feats = forward(y[:, None])
-        mx.eval(y, feats)
-        steps_feats.append(np.array(feats))
-        steps_tokens.append(np.array(y))
-        done |= np.isin(steps_tokens[-1], list(stop_ids))
-    answers = np.stack(steps_tokens, axis=1)  # (N, steps)
-    answer_feats = np.concatenate(steps_feats[1:], axis=1) if len(steps_feats) > 1 else None
+        steps.append(step(mx.array(steps[-1][0])[:, None]))
+        done |= np.isin(steps[-1][0], list(stop_ids))
+    answers = np.stack([st[0] for st in steps], axis=1)  # (N, steps)
+    answer_feats = np.concatenate([st[1] for st in steps[1:]], axis=1) if len(steps) > 1 else None
+    label_ids = np.stack([st[2] for st in steps], axis=1)  # (N, steps, k): step j's distribution is answer token j's
+    label_logits = np.stack([st[3] for st in steps], axis=1)
     out = []
     for i, p in enumerate(prompts):
         row = answers[i]
         stops = np.flatnonzero(np.isin(row, list(stop_ids)))
         n = int(stops[0]) + 1 if len(stops) else len(row)
         tokens = np.concatenate([np.array(p, dtype=np.int32), row[:n].astype(np.int32)])
-        f = [steps_feats[0][i, pads[i]:]]
+        f = [steps[0][1][i, pads[i]:]]
         if n > 1:
             f.append(answer_feats[i, : n - 1])
-        f.append(np.zeros((1, f[0].shape[-1]), dtype=np.float16))
-        out.append((tokens, len(p), np.concatenate(f, axis=0)))
+        f.append(np.zeros((1, f[0].shape[-1]), dtype=f[0].dtype))
+        ids = np.concatenate([np.zeros((len(p), k), dtype=np.int32), label_ids[i, :n].astype(np.int32)])
+        logits = np.concatenate([np.full((len(p), k), -np.inf, dtype=np.float32), label_logits[i, :n]])
+        out.append(Answer(tokens, len(p), np.concatenate(f, axis=0), ids, logits))
     return out
 
 
-def generate_shards(model, prompts: list[list[int]], args, layer_ids: list[int], stop_ids: set[int],
-                    shard_dir: Path) -> None:
-    """Answer every prompt (``--gen-batch`` a shard), skipping shards already written."""
+def generate_shards(model, prompts: list[list[int]], batch_size: int, gen_tokens: int, layer_ids: list[int],
+                    stop_ids: set[int], top_k: int, shard_dir: Path, what: str = "answering prompts") -> None:
+    """Answer every prompt (``batch_size`` a shard), skipping shards already written."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    batches = length_batches(prompts, args.gen_batch)
-    have = sum((shard_dir / f"{i:05d}.npz").exists() for i in range(len(batches)))
-    if have == len(batches):
+    batches = length_batches(prompts, batch_size)
+    todo = [i for i in range(len(batches)) if not (shard_dir / f"{i:05d}.npz").exists()]
+    if not todo:
         return
     tokens_made, tic = 0, time.perf_counter()
-    with _progress(len(prompts), 0, "answering prompts", "prompt") as bar:
-        for i, batch in enumerate(batches):
-            if (shard_dir / f"{i:05d}.npz").exists():
-                bar.update(len(batch))
-                continue
-            answers = answer_with_features(model, batch, args.gen_tokens, layer_ids, stop_ids)
+    with _progress(len(prompts), len(prompts) - sum(len(batches[i]) for i in todo), what, "prompt") as bar:
+        for i in todo:
+            batch = batches[i]
+            answers = answer_with_features(model, batch, gen_tokens, layer_ids, stop_ids, top_k)
             write_shard(shard_dir / f"{i:05d}", answers)
-            tokens_made += sum(len(t) - n for t, n, _ in answers)
+            tokens_made += sum(len(a.tokens) - a.prompt_len for a in answers)
             bar.set_postfix(answer_tok_s=f"{tokens_made / (time.perf_counter() - tic):.0f}")
             bar.update(len(batch))
 
@@ -175,24 +197,29 @@ def length_batches(prompts: list[list[int]], size: int, pool: int = 16) -> list[
     return batches
 
 
-def write_shard(stem: Path, answers: list[tuple[np.ndarray, int, np.ndarray]]) -> None:
+def write_shard(stem: Path, answers: list[Answer]) -> None:
     """Features first, the index last: a shard exists once its ``.npz`` does."""
-    feats = np.concatenate([f for _, _, f in answers])
+    feats = np.concatenate([a.features for a in answers])
     _atomic_write(stem.with_suffix(".feats.npy"), lambda f: np.save(open(f, "wb"), feats))
-    offsets = np.cumsum([0] + [len(t) for t, _, _ in answers])
-    _atomic_write(stem.with_suffix(".npz"), lambda f: np.savez(open(f, "wb"), tokens=np.concatenate(
-        [t for t, _, _ in answers]), offsets=offsets, prompt_lens=np.array([n for _, n, _ in answers])))
+    offsets = np.cumsum([0] + [len(a.tokens) for a in answers])
+    _atomic_write(stem.with_suffix(".npz"), lambda f: np.savez(
+        open(f, "wb"), tokens=np.concatenate([a.tokens for a in answers]), offsets=offsets,
+        prompt_lens=np.array([a.prompt_len for a in answers]),
+        label_ids=np.concatenate([a.label_ids for a in answers]),
+        label_logits=np.concatenate([a.label_logits for a in answers])))
 
 
 class Corpus:
-    """The generated sequences of a work directory: tokens in memory, features memory-mapped."""
+    """The generated sequences of a work directory: tokens and labels in memory, features memory-mapped."""
 
     def __init__(self, shard_dir: Path, count: int):
         self.rows: list[tuple[int, int, int, int]] = []  # (shard, start, length, prompt length)
-        self.tokens, self.features = [], []
+        self.tokens, self.features, self.label_ids, self.label_logits = [], [], [], []
         for s, index in enumerate(sorted(shard_dir.glob("*.npz"))):
             data = np.load(index)
             self.tokens.append(data["tokens"])
+            self.label_ids.append(data["label_ids"])
+            self.label_logits.append(data["label_logits"])
             self.features.append(np.load(index.with_name(index.name.replace(".npz", ".feats.npy")), mmap_mode="r"))
             offsets = data["offsets"]
             for j, plen in enumerate(data["prompt_lens"]):
@@ -204,21 +231,31 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def sequence(self, i: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """Sequence i: its tokens (T,), prompt length and features (T, F), as stored (float16)."""
+        s, a, n, p = self.rows[i]
+        return self.tokens[s][a : a + n], p, self.features[s][a : a + n]
+
     def answer_tokens(self) -> np.ndarray:
         return np.concatenate([self.tokens[s][a + p : a + n] for s, a, n, p in self.rows])
 
-    def batch(self, rows: np.ndarray, pad_to: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """tokens (S, T), features (S, T, F) float32, lengths (S,), prompt lengths (S,), padded to ``pad_to``."""
-        S, F = len(rows), self.features[0].shape[-1]
+    def batch(self, rows: np.ndarray, pad_to: int) -> tuple[np.ndarray, ...]:
+        """tokens (S, T), features (S, T, F) float32, lengths (S,), prompt lengths (S,), label ids and logits
+        (S, T, K), padded to ``pad_to``."""
+        S, F, K = len(rows), self.features[0].shape[-1], self.label_ids[0].shape[-1]
         tokens = np.zeros((S, pad_to), dtype=np.int32)
         feats = np.zeros((S, pad_to, F), dtype=np.float32)
+        label_ids = np.zeros((S, pad_to, K), dtype=np.int32)
+        label_logits = np.zeros((S, pad_to, K), dtype=np.float32)
         lengths, plens = np.zeros(S, dtype=np.int64), np.zeros(S, dtype=np.int64)
         for i, r in enumerate(rows):
             s, a, n, p = self.rows[r]
             tokens[i, :n] = self.tokens[s][a : a + n]
             feats[i, :n] = self.features[s][a : a + n]
+            label_ids[i, :n] = self.label_ids[s][a : a + n]
+            label_logits[i, :n] = self.label_logits[s][a : a + n]
             lengths[i], plens[i] = n, p
-        return tokens, feats, lengths, plens
+        return tokens, feats, lengths, plens, label_ids, label_logits
 
 
 def sub_vocabulary(answer_tokens: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
@@ -284,37 +321,51 @@ def output_rows(drafter: Drafter, target: Target) -> tuple[mx.array, mx.array]:
     return weight[ids], column
 
 
-def losses(drafter, target: Target, rows: mx.array, column: mx.array, seqs, lengths, features, anchors, mode: str):
+def losses(drafter, target: Target, rows: mx.array, column: mx.array, seqs, lengths, features, anchors, label_ids,
+           label_logits, mode: str):
     """(total, block loss, head loss) for a batch of sequences (S, T) and anchors (S, A).
 
-    Depth d's loss is the mean over the blocks whose label at d is inside the answer and inside the draft
-    vocabulary; depths weigh ``exp(-(d-1)/DEPTH_DECAY)``, normalised."""
+    The label at depth d of the block rooted at ``a`` is the target's own distribution over the token at
+    ``a + d`` (its top-K logits ``label_ids``/``label_logits`` (S, T, K), renormalised over the tokens the
+    drafter scores): distillation, whose argmax is the greedy token. The losses are the KL divergence from it,
+    so 0 is a drafter that has learnt the target's distribution. Depth d's loss is the mean over the
+    blocks whose label at d is inside the answer and has a token inside the draft vocabulary; depths weigh
+    ``exp(-(d-1)/DEPTH_DECAY)``, normalised."""
     S, A = anchors.shape
+    T = seqs.shape[1]
     B = drafter.args.block_size
     offsets = mx.arange(B)
-    positions = mx.minimum(anchors[:, :, None] + offsets, seqs.shape[1] - 1)  # (S, A, B)
+    positions = mx.minimum(anchors[:, :, None] + offsets, T - 1)  # (S, A, B)
     tokens = mx.take_along_axis(seqs[:, None, :], positions.reshape(S, 1, -1), axis=-1).reshape(S, A, B)
     block_ids = mx.where(offsets == 0, tokens, drafter.args.mask_token_id)
     hidden = block_hidden(drafter, features, target.embed_tokens(block_ids), anchors)
     if mode == "head":
         hidden = mx.stop_gradient(hidden)
-    labels = column[tokens[:, :, 1:]]
-    valid = (labels >= 0) & ((anchors[:, :, None] + offsets[1:]) < lengths[:, None, None])
-    labels = mx.maximum(labels, 0)
+    at = (mx.arange(S)[:, None, None] * T + positions[:, :, 1:]).reshape(-1)  # the label rows (S·A·(B-1),)
+    K = label_ids.shape[-1]
+    columns = column[label_ids.reshape(S * T, K)[at]].reshape(S, A, B - 1, K)
+    scored = columns >= 0
+    z = mx.where(scored, label_logits.reshape(S * T, K)[at].reshape(S, A, B - 1, K), -1e9)
+    log_q = z - mx.logsumexp(z, axis=-1, keepdims=True)
+    q = mx.where(scored, mx.exp(log_q), 0.0)
+    entropy = -(q * mx.where(scored, log_q, 0.0)).sum(-1)  # the losses are KL(q || drafter): 0 at best
+    columns = mx.maximum(columns, 0)
+    valid = scored.any(axis=-1) & ((anchors[:, :, None] + offsets[1:]) < lengths[:, None, None])
     w = mx.exp(-mx.arange(B - 1) / DEPTH_DECAY)
     w = w / w.sum()
     count = mx.maximum(valid.sum(axis=(0, 1)), 1)
 
-    def ce(h):
+    def kl(h):  # cross-entropy against q, logsumexp(logits) - sum_k q_k logits[column_k], less q's entropy
         logits = (drafter.model.norm(h) @ rows.T).astype(mx.float32)
-        per_token = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        ce = mx.logsumexp(logits, axis=-1) - (q * mx.take_along_axis(logits, columns, axis=-1)).sum(-1)
+        per_token = ce - entropy
         return ((mx.where(valid, per_token, 0.0).sum(axis=(0, 1)) / count) * w).sum()
 
-    block = ce(hidden[:, :, 1:]) if mode != "head" else mx.array(0.0)
+    block = kl(hidden[:, :, 1:]) if mode != "head" else mx.array(0.0)
     head = mx.array(0.0)
     if mode != "backbone" and drafter.has_head:
         prev = target.embed_tokens(tokens[:, :, :-1])  # teacher forcing: the true previous tokens
-        head = ce(drafter.correct(hidden[:, :, 1:], prev))
+        head = kl(drafter.correct(hidden[:, :, 1:], prev))
     return block + head, block, head
 
 
@@ -347,17 +398,15 @@ def zero_head(drafter: Drafter) -> Drafter:
     return drafter
 
 
-def evaluate(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: int,
-             modes: list[str] | None = None) -> dict[str, float]:
-    """Mean τ (greedy, the device's default tree settings) per drafting mode on held-out prompts."""
+def heldout_tau(drafter: Drafter, target: Target, heldout: "Corpus", max_tokens: int,
+                modes: list[str] | None = None) -> dict[str, float]:
+    """Mean τ per drafting mode (the device's default tree settings) that greedy generation would measure on
+    the held-out prompts, replayed on the target's stored answers (``replay``: drafter passes only)."""
     modes = modes or (["treeflash", "marginal", "chain"] if drafter.has_head else ["marginal", "chain"])
     out = {}
     for mode in modes:
-        taus = []
-        for p in prompts:
-            rounds = {r.round: r.acceptance_length for r in
-                      stream_generate(model, tokenizer, p, max_tokens, drafter=drafter, mode=mode)}
-            taus += [v for k, v in rounds.items() if k > 0]
+        drafting = make_drafting(drafter, target, mode)
+        taus = [t for i in range(len(heldout)) for t in replay(drafting, *heldout.sequence(i), max_tokens)]
         out[mode] = float(np.mean(taus)) if taus else float("nan")
     return out
 
@@ -381,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--gen-tokens", type=int, default=192)
     p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--label-top-k", type=int, default=32,
+                   help="labels are the target's distribution over its K most likely tokens at each position "
+                        "(1: its greedy token alone)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--anchors", type=int, default=16, help="blocks per sequence per step")
@@ -403,7 +455,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.mode == "head" and args.drafter is None:
         raise ValueError("--mode head trains a head on an existing DFlash drafter: pass it with --drafter")
     for name in ("steps", "batch", "anchors", "save_every", "num_prompts", "prompt_tokens", "gen_batch", "layers",
-                 "eval_tokens", "block_size", "gen_tokens"):
+                 "eval_tokens", "block_size", "gen_tokens", "label_top_k"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("eval_prompts", "eval_every", "sub_vocab_size"):
@@ -432,21 +484,51 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _bound_settings(args: argparse.Namespace, ids: list[int], block_size: int) -> dict:
-    return {"model": str(args.model), "drafter": str(args.drafter), "mode": args.mode, "target_layer_ids": ids,
-            "block_size": block_size, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
-            "gen_batch": args.gen_batch,
-            "seed": args.seed, "data": [str(f) for f in args.data], "sub_vocab_size": args.sub_vocab_size,
-            "layers": args.layers, "intermediate_size": args.intermediate_size}
+def _data_settings(args: argparse.Namespace, ids: list[int]) -> dict:
+    return {"model": str(args.model), "target_layer_ids": ids, "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens, "gen_batch": args.gen_batch, "label_top_k": args.label_top_k,
+            "seed": args.seed,
+            "data": [str(f) for f in args.data]}
+
+
+def _run_settings(args: argparse.Namespace, block_size: int) -> dict:
+    return {"drafter": str(args.drafter), "mode": args.mode, "block_size": block_size,
+            "sub_vocab_size": args.sub_vocab_size, "layers": args.layers, "intermediate_size": args.intermediate_size}
 
 
 def check_work_dir(work: Path, meta: dict) -> None:
+    """Refuse a work directory whose answers were made with other data settings."""
     if (work / "meta.json").exists():
         old = json.loads((work / "meta.json").read_text())
-        changed = sorted(k for k in BINDING if old.get(k) != meta.get(k))
+        changed = sorted(k for k in DATA_BINDING if old.get(k) != meta.get(k))
         if changed:
-            raise ValueError(f"{work} holds a run with other settings ({', '.join(changed)}); "
+            raise ValueError(f"{work} holds answers made with other settings ({', '.join(changed)}); "
                              "use another --work-dir or delete it")
+
+
+def run_dir(work: Path, settings: dict) -> Path:
+    """The directory of the optimisation run with these settings (``runs/<key>``, its settings in meta.json):
+    runs with other drafter settings share the answers but keep their own weights, optimizer and τ curve."""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return work / "runs" / f"{settings['mode']}-b{settings['block_size']}-{key}"
+
+
+def heldout_answers(model, prompts: list[list[int]], args: argparse.Namespace, ids: list[int], stop_ids: set[int],
+                    work: Path) -> "Corpus | None":
+    """The target's answers to the held-out prompts (``--eval-tokens`` long), made once: the τ curve replays them.
+    Answers made for other held-out prompts or lengths are made again."""
+    if not prompts:
+        return None
+    folder = work / "heldout"
+    meta = {"prompts": prompts, "eval_tokens": args.eval_tokens}
+    if (folder / "meta.json").exists() and json.loads((folder / "meta.json").read_text()) != meta:
+        for f in folder.glob("shards/*"):
+            f.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    generate_shards(model, prompts, args.gen_batch, args.eval_tokens, ids, stop_ids, 1, folder / "shards",
+                    "answering held-out prompts")
+    return Corpus(folder / "shards", len(prompts))
 
 
 def base_drafter(args: argparse.Namespace, target: Target) -> Drafter | None:
@@ -492,7 +574,7 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError(f"--gen-tokens ({args.gen_tokens}) must be at least the block size ({B})")
     if args.sub_vocab_size > target.vocab_size:
         raise ValueError(f"--sub-vocab-size {args.sub_vocab_size} exceeds the vocabulary of {target.vocab_size}")
-    meta = _bound_settings(args, ids, B)
+    meta = _data_settings(args, ids)
     check_work_dir(work, meta)
     eval_prompts = read_jsonl_prompts(args.eval_data, tokenizer)[: args.eval_prompts] if args.eval_data else None
     prompts = read_prompts(args.data, tokenizer, args.prompt_tokens,
@@ -505,22 +587,27 @@ def train(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     (work / "meta.json").write_text(json.dumps(meta, indent=2))  # the run has started: bind the directory
     stop_ids = set(tokenizer.eos_token_ids)
-    generate_shards(model, prompts, args, ids, stop_ids, work / "shards")
+    heldout = heldout_answers(model, eval_prompts, args, ids, stop_ids, work)
+    generate_shards(model, prompts, args.gen_batch, args.gen_tokens, ids, stop_ids, args.label_top_k, work / "shards")
     corpus = Corpus(work / "shards", len(prompts))
     answers = corpus.answer_tokens()
     print(f"{len(corpus)} sequences, {len(answers)} answer tokens", file=sys.stderr)
 
+    run = run_dir(work, _run_settings(args, B))
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "meta.json").write_text(json.dumps(_run_settings(args, B), indent=2))
+    print(f"run directory: {run}", file=sys.stderr)
     if drafter is None:
         vocab = None
         if args.sub_vocab_size:
-            if not (work / "sub_vocab.npy").exists():  # fixed once training starts
-                _atomic_write(work / "sub_vocab.npy", lambda f: np.save(open(f, "wb"), sub_vocabulary(
+            if not (run / "sub_vocab.npy").exists():  # fixed once training starts
+                _atomic_write(run / "sub_vocab.npy", lambda f: np.save(open(f, "wb"), sub_vocabulary(
                     answers, args.sub_vocab_size, target.vocab_size)))
-            vocab = np.load(work / "sub_vocab.npy")
+            vocab = np.load(run / "sub_vocab.npy")
             print(f"sub-vocabulary: {len(vocab)} tokens cover {np.isin(answers, vocab).mean():.2%} of the "
                   "answer tokens", file=sys.stderr)
         drafter = new_drafter(target, args, ids, mask, vocab)
-    report = fit(args, model, tokenizer, target, drafter, corpus, eval_prompts, work)
+    report = fit(args, target, drafter, corpus, heldout, run)
     from .convert import _Staging
 
     with _Staging(args.out, args.force) as staging:  # written aside, moved into place whole
@@ -533,7 +620,7 @@ def train(args: argparse.Namespace) -> dict:
     return report
 
 
-def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus, eval_prompts, work: Path) -> dict:
+def fit(args, target: Target, drafter: Drafter, corpus: Corpus, heldout: Corpus | None, run: Path) -> dict:
     """The optimisation loop: resumable, with the held-out τ curve in ``tau_curve.jsonl``."""
     B = drafter.args.block_size
     if args.mode == "head":
@@ -547,12 +634,12 @@ def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus
         * (0.55 + 0.45 * mx.cos(math.pi * mx.minimum(step, args.steps) / args.steps)),
         weight_decay=0.0)
     step, seen = 0, 0
-    if (work / "state.json").exists():
-        state = json.loads((work / "state.json").read_text())
+    if (run / "state.json").exists():
+        state = json.loads((run / "state.json").read_text())
         step, seen = state["step"], state.get("label_tokens", 0)
-        drafter.load_weights(str(work / "drafter.safetensors"))
+        drafter.load_weights(str(run / "drafter.safetensors"))
         optimizer.init(drafter.trainable_parameters())
-        optimizer.state = tree_unflatten(list(mx.load(str(work / "optimizer.safetensors")).items()))
+        optimizer.state = tree_unflatten(list(mx.load(str(run / "optimizer.safetensors")).items()))
         print(f"resuming at step {step}", file=sys.stderr)
     pad_to = max(n for _, _, n, _ in corpus.rows)
 
@@ -560,15 +647,15 @@ def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus
 
     def save_state():  # state.json last: it names a step only once that step's files are complete
         for name, tree in (("drafter", drafter.parameters()), ("optimizer", optimizer.state)):
-            _atomic_write(work / f"{name}.safetensors",
+            _atomic_write(run / f"{name}.safetensors",
                           lambda f, t=tree: save_weights(f, dict(tree_flatten(t)), {}))
-        _atomic_write(work / "state.json", lambda f: f.write_text(json.dumps({"step": step, "label_tokens": seen})))
+        _atomic_write(run / "state.json", lambda f: f.write_text(json.dumps({"step": step, "label_tokens": seen})))
 
     def record_tau():
         drafter.eval()
-        taus = evaluate(model, tokenizer, drafter, eval_prompts, args.eval_tokens)
+        taus = heldout_tau(drafter, target, heldout, args.eval_tokens)
         drafter.train()
-        with open(work / "tau_curve.jsonl", "a") as f:
+        with open(run / "tau_curve.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "label_tokens": seen, "tau": taus}) + "\n")
         return taus
 
@@ -577,11 +664,12 @@ def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus
         while step < args.steps:
             step_rng = np.random.default_rng([args.seed, step])  # a resumed run sees the same batches
             picks = np.sort(step_rng.choice(len(corpus), size=min(args.batch, len(corpus)), replace=False))
-            tokens, feats, lengths, plens = corpus.batch(picks, pad_to)
+            tokens, feats, lengths, plens, label_ids, label_logits = corpus.batch(picks, pad_to)
             # Anchors (root positions) anywhere in the answer, the last prompt token included.
             anchors = step_rng.integers(plens - 1, np.maximum(lengths - 1, plens), size=(args.anchors, len(picks)))
             anchors = anchors.T
-            batch = (mx.array(tokens), mx.array(lengths), mx.array(feats), mx.array(anchors))
+            batch = (mx.array(tokens), mx.array(lengths), mx.array(feats), mx.array(anchors), mx.array(label_ids),
+                     mx.array(label_logits))
             (loss, block, head), grads = loss_and_grad(drafter, *batch)
             optimizer.update(drafter, grads)
             mx.eval(loss, block, head, drafter.parameters(), optimizer.state)
@@ -592,12 +680,12 @@ def fit(args, model, tokenizer, target: Target, drafter: Drafter, corpus: Corpus
             bar.update(1)
             if step % args.save_every == 0 or step == args.steps:
                 save_state()
-            if eval_prompts and args.eval_every and step % args.eval_every == 0:
+            if heldout and args.eval_every and step % args.eval_every == 0:
                 taus = record_tau()
                 bar.write(f"step {step}: {seen} label tokens, held-out τ {json.dumps(taus)}")
     drafter.unfreeze()
     drafter.eval()
-    if eval_prompts and (not args.eval_every or step % args.eval_every):
+    if heldout and (not args.eval_every or step % args.eval_every):
         taus = record_tau()
     return {"steps": step, "label_tokens": seen,
             "final_loss": float(np.mean([h[0] for h in history[-20:]])) if history else None,
