@@ -19,6 +19,8 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma3_text import clip_residual  # the residual sum Gemma 3 clips in float16
 
+from . import cpu_attention
+
 SUPPORTED_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama", "gemma3_text")
 SLIDING_FAMILIES = ("llama", "gemma3_text")  # the families whose sliding-window layers this module runs
 
@@ -92,6 +94,9 @@ class Target:
         self.hidden_size: int = args.hidden_size
         self.vocab_size: int = args.vocab_size
         self.max_context: int | None = getattr(args, "max_position_embeddings", None)
+        # MLX's CPU backend computes attention's exponentials one at a time (cpu_attention.py); Metal's own
+        # fused kernel is kept on the GPU.
+        self.cpu_attention = mx.default_device() == mx.cpu
 
     def lm_head(self, normed: mx.array) -> mx.array:
         if "lm_head" in self.model:
@@ -136,7 +141,10 @@ class Target:
         k, v = cache.update_and_fetch(k, v)
         if lo:  # a sliding layer: the keys before lo are outside every query's window
             k, v = _from_position(k, lo), _from_position(v, lo)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+        if self.cpu_attention and q.dtype == mx.float32 and not hasattr(cache, "bits"):
+            out = cpu_attention.attention(q, k, v, attn.scale, mask)  # exp at the speed of a multiply-add
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
         return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def forward(
