@@ -108,8 +108,10 @@ def test_humaneval_problems_go_through_the_chat_template(tmp_path, tokenizer):
     assert list(prompt) == list(want) and "Complete the following Python function" in tokenizer.decode(prompt)
 
 
-def test_the_long_set_reports_every_mode_at_every_prompt_length(models, tmp_path, capsys):
+def test_the_long_set_reports_every_mode_at_every_prompt_length(models, tmp_path, capsys, monkeypatch):
     target, drafter, _ = models
+    prefills, real = [], benchmark.shared_prefill
+    monkeypatch.setattr(benchmark, "shared_prefill", lambda *a: prefills.append(len(a[3])) or real(*a))
     code = main(["--model", str(target), "--drafter", str(drafter), "--prompts", "long", "--context-lengths",
                  "96,48", "--num-prompts", "1", "--max-tokens", "8", "--modes", "ar,treeflash", "--draft-window", "32",
                  "--output", str(tmp_path / "out")])
@@ -122,8 +124,9 @@ def test_the_long_set_reports_every_mode_at_every_prompt_length(models, tmp_path
         assert list(rows) == ["ar", "treeflash"] and all(r["lossless"] for r in rows.values())
         assert rows["ar"]["drafter_mb"] == 0 < rows["treeflash"]["drafter_mb"]
         assert all(r["peak_memory_gb"] > 0 for r in rows.values())
-        assert context["verify_costs_prefix"] == context["context_tokens"] + 4
+        assert context["verify_costs_prefix"] == context["context_tokens"] - 1  # after the shared prefill
     assert "## prompts of 48 tokens" in out.out and "| treeflash | 96 |" in out.out
+    assert prefills == [48, 96], "each prompt is prefilled once, for every mode, its warm-up and its profile"
 
 
 def test_long_prompts_must_fit_the_models_context(models, capsys):

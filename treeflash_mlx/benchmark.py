@@ -35,7 +35,7 @@ from ._cli import run_cli
 from .drafting import DEFAULT_SINKS, PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
 from .checkpoints import load_drafter
 from .loading import load, read_jsonl_prompts
-from .prompt_cache import make_prompt_cache
+from .prompt_cache import PromptCache, make_prompt_cache
 from .speculative import RoundStats, stream_generate
 from .validation import check_tree_budget, finite, integer
 from .target import Target
@@ -107,13 +107,17 @@ def bushy_tree(n: int, vocab: int, rng) -> DraftTree:
     return DraftTree(rng.integers(0, vocab, n), parents, depths)
 
 
-def verify_costs(model, trees: dict, prefix: int, repeats: int = 10) -> dict:
+def verify_costs(model, trees: dict, prefix: int, repeats: int = 10, prefilled: PromptCache | None = None) -> dict:
     """Median seconds of one mlx-lm decoding step (key "step") and of verifying each named tree, after
-    ``prefix`` cached tokens."""
+    ``prefix`` cached tokens: random ones, or the first ``prefix`` of a ``prefilled`` prompt cache."""
     target = Target(model)
-    cache = target.make_cache()
-    rng = np.random.default_rng(0)
-    mx.eval(target.forward(mx.array(rng.integers(0, target.vocab_size, prefix)), cache, last_only=True)[0])
+    if prefilled is not None:
+        cache = prefilled.prefix_copy(prefix).target
+        prefix = cache[0].offset
+    else:
+        cache = target.make_cache()
+        rng = np.random.default_rng(0)
+        mx.eval(target.forward(mx.array(rng.integers(0, target.vocab_size, prefix)), cache, last_only=True)[0])
     times: dict = {key: [] for key in ["step", *trees]}
     for _ in range(repeats + 1):  # interleaved; the first pass compiles kernels and is dropped
         for key in times:
@@ -128,13 +132,15 @@ def verify_costs(model, trees: dict, prefix: int, repeats: int = 10) -> dict:
     return {k: float(np.median(v[1:])) for k, v in times.items()}
 
 
-def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: dict, profile=False) -> dict:
+def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: dict, profile=False,
+             prefilled: PromptCache | None = None) -> dict:
     """One generation with the drafting ``settings`` (tree_size, top_m, head_vocab); with ``profile``, every
     stage ends in a sync (see ``RoundStats``), so such runs give the time split and the accepted paths, and
-    the runs without it give the speed."""
+    the runs without it give the speed. ``prefilled``: a prompt cache holding all of ``prompt`` but its last
+    token (``shared_prefill``), copied, so that only that token is prefilled."""
     stats = RoundStats() if profile else None
     drafting = make_drafting(drafter, Target(model), mode, **settings)
-    cache = make_prompt_cache(model)
+    cache = make_prompt_cache(model) if prefilled is None else prefilled.prefix_copy(len(prompt) - 1)
     mx.reset_peak_memory()
     responses = list(stream_generate(model, tokenizer, prompt, args.max_tokens, drafter=drafting, sampler=sampler,
                                      prompt_cache=cache, stats=stats))
@@ -160,8 +166,11 @@ def drafter_bytes(drafting) -> int:
     return weights + (drafting.head.weight.nbytes if drafting.head.ids is not None else 0)
 
 
-def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
+def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler, prefilled: PromptCache | None = None) -> dict:
     kwargs = {"draft_model": draft_model, "num_draft_tokens": args.num_draft_tokens} if draft_model else {}
+    if prefilled is not None:  # mlx-lm goes on from the same K/V, its prompt the last token
+        kwargs["prompt_cache"] = prefilled.prefix_copy(len(prompt) - 1).target
+        prompt = prompt[-1:]
     mx.reset_peak_memory()
     responses = list(mlx_lm_stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
                                             **kwargs))
@@ -177,6 +186,17 @@ def run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler) -> dict:
             "generated": last.generation_tokens, "taus": taus or [1],
             "nodes": [args.num_draft_tokens + 1 if draft_model else 1], "paths": [], "stages": {},
             "peak_memory": mx.get_peak_memory(), "drafter_bytes": 0}
+
+
+def shared_prefill(model, tokenizer, drafter, prompt) -> PromptCache:
+    """A prompt cache holding ``prompt`` but its last token: the target's K/V and the drafter's whole context.
+    Long prompts take minutes to prefill on a CPU; prefilled once, every mode goes on from a copy (drafter
+    windows are cut from the whole context exactly), and since speeds leave the prefill out, nothing timed
+    changes. The outputs are then compared from the same K/V."""
+    cache = make_prompt_cache(model, drafter)
+    for _ in stream_generate(model, tokenizer, prompt[:-1], 1, drafter=drafter, prompt_cache=cache, draft_window=0):
+        pass
+    return cache
 
 
 def check_peer(peer_modes: list[str], args: argparse.Namespace) -> None:
@@ -494,13 +514,24 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
                     "draft_window": p["window"]}
         return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab, **window}
 
+    prefilled: dict[int, PromptCache] = {}  # with --prompts long: the current prompt's shared prefill
+
     def once(mode: str, prompt, tree_size: int, profile: bool = False) -> dict:
-        if mode in ("ar", "draft-model"):
-            return run_mlx_lm(model, tokenizer, draft_model if mode == "draft-model" else None, prompt, args, sampler)
+        shared = prefilled.get(id(prompt))
+        if mode == "ar":
+            return run_mlx_lm(model, tokenizer, None, prompt, args, sampler, shared)
+        if mode == "draft-model":  # its draft model has a cache of its own: a prefill of its own
+            return run_mlx_lm(model, tokenizer, draft_model, prompt, args, sampler)
         if mode in PEER_MODES:
             return run_peer(peer, tokenizer, prompt, mode, args)
         return run_ours(model, tokenizer, drafter, prompt, base_mode(mode), args, sampler, settings(mode, tree_size),
-                        profile)
+                        profile, shared)
+
+    def prefill(prompt) -> None:
+        prefilled.clear()
+        if args.prompts == "long":
+            print(f"prefilling {len(prompt)} tokens once for every mode", file=sys.stderr)
+            prefilled[id(prompt)] = shared_prefill(model, tokenizer, drafter, prompt)
 
     B = drafter.args.block_size if drafter is not None else 16
     rng = np.random.default_rng(0)
@@ -523,7 +554,10 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
     print("measuring verification costs", file=sys.stderr)
     # Costs after a prefix as long as the runs' mean context: attention makes them grow with it.
     prefix = int(np.mean([len(p) for p in prompts]) + args.max_tokens / 2)
-    costs = verify_costs(model, trees, prefix)
+    prefill(prompts[0])
+    if prefilled:
+        prefix = min(prefix, len(prompts[0]) - 1)
+    costs = verify_costs(model, trees, prefix, prefilled=prefilled.get(id(prompts[0])))
 
     for m in modes:  # warm-up (kernels, caches) of the path that is timed
         once(m, prompts[0], 64)
@@ -532,7 +566,10 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
         profile_mode = next((m for m in ("treeflash", "marginal") if m in modes), None)
         if profile_mode is not None:
             spread = prompts[1 :: max(1, len(prompts) // 4)]  # a spread of prompts, not just the first ones
-            profile = [once(profile_mode, p, 64, profile=True) for p in [prompts[0], *spread]]
+            profile = []
+            for p in [prompts[0], *spread]:
+                prefill(p)
+                profile.append(once(profile_mode, p, 64, profile=True))
             draft_s = np.mean([sum(v for k, v in r["stages"].items() if k != "verify") / max(1, len(r["taus"]))
                                for r in profile])
             best, table = auto_tree_size(profile, costs, draft_s)
@@ -547,6 +584,8 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
     profiles: dict[str, list[dict]] = {m: [] for m in modes}
     ours = [m for m in modes if m not in ("ar", "draft-model", *PEER_MODES)]
     for i, prompt in enumerate(prompts):
+        if id(prompt) not in prefilled:
+            prefill(prompt)
         for m in modes:  # interleaved: the same prompt through every mode before the next prompt
             runs[m].append(once(m, prompt, tree_sizes.get(m, 64)))
         for m in ours if i < args.profile_prompts else ():  # the time split, from separate synced runs
