@@ -53,8 +53,6 @@ DEPTH_DECAY = 7.0
 MODES = ("full", "head", "backbone")
 # The settings a work directory's answers and features were made with: other ones cannot reuse them.
 DATA_BINDING = ("model", "target_layer_ids", "prompt_tokens", "gen_tokens", "gen_batch", "label_top_k", "seed", "data")
-# The settings of one optimisation run inside it (``runs/<key>``): other ones start a run of their own.
-RUN_BINDING = ("drafter", "mode", "block_size", "sub_vocab_size", "layers", "intermediate_size")
 
 
 def _progress(total: int, initial: int, what: str, unit: str):

@@ -4,8 +4,9 @@
 #   bash demos/qwen-coder/train.sh TARGET_F32_DIR [extra train flags]
 #
 # TARGET_F32_DIR: the target converted to float32 (mlx_lm convert --dtype float32). Work files (answers,
-# features, checkpoints, the τ curve) go to ${TREEFLASH_WORK:-~/.cache/treeflash-work}/qwen-coder, outside the
-# repository; run the same command again after an interruption and it resumes.
+# features, labels, checkpoints, the τ curve) go to ${TREEFLASH_WORK:-~/.cache/treeflash-work}/qwen-coder, outside
+# the repository; run the same command again after an interruption and it resumes. The held-out τ curve
+# replays the first 20 HumanEval problems, the prompts the README's benchmark runs; HumanEval never trains.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target="${1:?usage: train.sh TARGET_F32_DIR [train flags]}"; shift
@@ -13,17 +14,17 @@ work="${TREEFLASH_WORK:-$HOME/.cache/treeflash-work}/qwen-coder"
 humaneval="${TREEFLASH_MODELS:-$HOME/.cache/treeflash-models}/humaneval/HumanEval.jsonl"
 mkdir -p "$work"
 [ -f "$work/prompts.jsonl" ] || python demos/qwen-coder/make_prompts.py --out "$work/prompts.jsonl" --humaneval "$humaneval"
-[ -f "$work/eval.jsonl" ] || python - "$humaneval" "$work/eval.jsonl" <<'PY'
+[ -f "$work/heldout.jsonl" ] || python - "$humaneval" "$work/heldout.jsonl" <<'PY'
 import json, sys
 from treeflash_mlx.loading import humaneval_messages
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 with open(sys.argv[2], "w") as f:
-    for r in rows[:8]:
+    for r in rows[:20]:
         f.write(json.dumps({"messages": humaneval_messages(r["prompt"])}) + "\n")
 PY
-python -m treeflash_mlx.train --model "$target" --data "$work/prompts.jsonl" --eval-data "$work/eval.jsonl" \
-    --out "$work/drafter" --work-dir "$work/run" \
-    --layers 2 --intermediate-size 2432 --block-size 16 --target-layer-ids 1,8,15,22 --sub-vocab-size 16384 \
-    --num-prompts 480 --prompt-tokens 384 --gen-tokens 256 --gen-batch 24 \
-    --steps 20000 --batch 4 --anchors 16 --lr 6e-4 --save-every 100 --eval-every 250 --eval-prompts 8 --eval-tokens 96 \
+python -m treeflash_mlx.train --model "$target" --data "$work/prompts.jsonl" --eval-data "$work/heldout.jsonl" \
+    --eval-prompts 20 --eval-tokens 128 --out "$work/drafter" --work-dir "$work/run" \
+    --layers 2 --intermediate-size 2432 --block-size 8 --target-layer-ids 1,8,15,22 --sub-vocab-size 16384 \
+    --num-prompts 1536 --prompt-tokens 384 --gen-tokens 256 --gen-batch 48 --label-top-k 32 \
+    --steps 1300 --batch 4 --anchors 32 --lr 8e-4 --save-every 50 --eval-every 100 \
     --save-dtype bfloat16 "$@"
