@@ -6,21 +6,25 @@ The recipe and why (docs/training.md has the long form):
 - **Data are the target's own words.** Prompts are windows of text files (``--prompt-tokens`` long) and/or
   JSONL lines (``prompt`` text, or chat ``messages`` put through the target's chat template). The target
   answers each one greedily (``--gen-tokens`` at most, stopping at its end-of-turn token), in batches.
-- **Features come free with the answers.** While it generates, the target's layers ``target_layer_ids`` are
-  read at every position (prompt and answer) and stored in float16 shards in the work directory: no second
-  target pass. Shards are written one batch at a time, so an interrupted run keeps what it generated.
+- **Features and labels come free with the answers.** While it generates, the target's layers
+  ``target_layer_ids`` are read at every position (prompt and answer) and stored in float16, and at every answer
+  position its ``--label-top-k`` most likely tokens with their logits: the target's own distribution, the label.
+  No second target pass. Shards are written one batch at a time, so an interrupted run keeps what it generated.
 - **A sub-vocabulary** (``--sub-vocab-size``, FR-Spec's idea): the most frequent answer tokens. The drafter
   scores only those, in training and in drafting, so each row costs V' instead of the whole vocabulary
-  (Qwen: 151,936). Labels outside it are left out of the loss (the drafter can never propose them).
+  (Qwen: 151,936). Label tokens outside it are left out of the loss (the drafter can never propose them).
 - **Many anchors per sequence.** A step takes ``--batch`` sequences and ``--anchors`` random root positions in
-  each answer. Anchor a makes the block ``[seq[a], MASK, ...]`` with labels ``seq[a+1 .. a+B-1]`` and
-  context the features of positions ``< a``; all anchors of a sequence go through ONE masked drafter pass.
-- **Losses.** Block loss: cross-entropy of the marginal logits at depths 1..B-1. Head loss: the same for the
-  AR-corrected logits given the TRUE previous token (teacher forcing). Depth d weighs ``exp(-(d-1)/7)``.
-  ``--mode full`` trains both, ``head`` only the head on a frozen backbone, ``backbone`` only the block loss.
+  each answer. Anchor a makes the block ``[seq[a], MASK, ...]`` labelled with the target's distributions over
+  ``seq[a+1 .. a+B-1]``, its context the features of positions ``< a``; all anchors of a sequence go through
+  ONE masked drafter pass.
+- **Losses.** Block loss: KL divergence from the target's distribution to the drafter's marginal at depths
+  1..B-1. Head loss: the same for the AR-corrected logits given the TRUE previous token (teacher forcing).
+  Depth d weighs ``exp(-(d-1)/7)``. ``--mode full`` trains both, ``head`` only the head on a frozen backbone,
+  ``backbone`` only the block loss.
 - Progress and ETA in every phase; checkpoints every ``--save-every`` steps; running the same command again
   resumes (with more ``--num-prompts`` or ``--steps`` it goes on with more data or steps); every
-  ``--eval-every`` steps the held-out τ is appended to ``tau_curve.jsonl`` with the label tokens seen so far.
+  ``--eval-every`` steps the held-out τ, replayed from the target's stored answers (``replay.py``), is appended
+  to the run's ``tau_curve.jsonl`` with the label tokens seen so far.
 """
 
 from __future__ import annotations
