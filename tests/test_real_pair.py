@@ -69,3 +69,25 @@ def test_the_shipped_drafter_is_lossless_with_its_target(pair, case):
         taus += list({r.round: r.acceptance_length for r in responses if r.round}.values())
     assert sum(taus) / len(taus) > 1.0, "a trained drafter gets drafts accepted"
     mx.clear_cache()
+
+
+def test_the_shipped_drafter_exports_to_the_published_layout_and_back_identically(tmp_path):
+    """No target needed: the shipped MLX drafter, written in the published PyTorch layout, converts back to the
+    same tensors and config."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from treeflash_mlx.checkpoints import load_drafter
+    from treeflash_mlx.convert import convert, export
+
+    if not (DRAFTER / "config.json").is_file():
+        pytest.skip(f"no shipped drafter at {DRAFTER}")
+    hf = export(DRAFTER, tmp_path / "hf")
+    back = convert(str(hf), str(tmp_path / "back"))
+    (a, _), (b, _) = load_drafter(DRAFTER), load_drafter(back)
+    assert a.args.to_dict() == b.args.to_dict()
+    wa, wb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype, k
+        np.testing.assert_array_equal(np.array(wa[k].astype(mx.float32)), np.array(wb[k].astype(mx.float32)), err_msg=k)
