@@ -200,6 +200,8 @@ def test_a_sub_vocabulary_drafter_also_scores_the_prompts_tokens(target):
     hidden = mx.array(np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32))
     tokens, logp, _ = transition_tables(drafter, t, 9, hidden, drafting.opts, drafting.head)
     assert set(tokens[np.isfinite(logp)].ravel().tolist()) <= set(ids + [1, 2, 99])
+    drafting.begin([3, 9, 3])  # nothing new: the drafter's own rows, not gathered again
+    assert drafting.head is drafting.own_head
     off = DrafterDrafting(drafter, t, DraftOptions("treeflash", 32, 4, 4, 1.0, prompt_vocab=False))
     off.begin(prompt)
     assert np.array(off.head.ids).tolist() == ids

@@ -286,14 +286,15 @@ class DrafterDrafting(Drafting):
         self.drafter, self.target, self.opts = drafter, target, opts
         self.mode = opts.mode
         self.capture = list(drafter.args.target_layer_ids)
-        self.head = make_head(drafter, target)  # the sub-vocabulary's rows are gathered once, not per round
+        self.head = self.own_head = make_head(drafter, target)  # rows gathered once, not per round
 
     def make_cache(self) -> list:
         return self.drafter.make_cache(self.opts.window, self.opts.sinks)
 
     def begin(self, prompt: Sequence[int]) -> None:
         """With a sub-vocabulary and ``prompt_vocab``, the drafter scores the prompt's tokens too."""
-        if self.opts.prompt_vocab and "sub_vocab" in self.drafter:
+        self.head = self.own_head
+        if self.opts.prompt_vocab and "sub_vocab" in self.drafter and not np.isin(prompt, self.head.ids).all():
             self.head = make_head(self.drafter, self.target, prompt)
 
     def adopt(self, cache: list | None) -> list:
