@@ -181,30 +181,3 @@ def test_a_sub_vocabulary_is_saved_loaded_and_drafts_only_its_tokens(target, tok
         tokens, logp, _ = transition_tables(loaded, t, 9, hidden, opts, make_head(loaded, t))
         assert set(tokens[np.isfinite(logp)].ravel().tolist()) <= set(ids), opts
     assert "sub_vocab" not in dict(tree_flatten(loaded.trainable_parameters())), "the vocabulary is not trained"
-
-
-def test_a_sub_vocabulary_drafter_also_scores_the_prompts_tokens(target):
-    """``begin(prompt)`` adds the prompt's tokens the sub-vocabulary lacks after its own columns (the drafts may
-    hold them); with ``prompt_vocab`` off, or without a sub-vocabulary, the head stays as it was."""
-    from treeflash_mlx.drafting import DraftOptions, DrafterDrafting, make_head, transition_tables
-
-    ids = [200, 3, 77, 150, 9, 31, 64, 128, 5, 250, 11, 42]
-    drafter = tiny_drafter(target, sub_vocab=ids)
-    t = Target(target)
-    prompt = [1, 3, 2, 2, 99, 200]
-    assert np.array(make_head(drafter, t, prompt).ids).tolist() == ids + [1, 2, 99]
-    drafting = DrafterDrafting(drafter, t, DraftOptions("treeflash", 32, 4, 4, 1.0))
-    drafting.begin(prompt)
-    assert np.array(drafting.head.ids).tolist() == ids + [1, 2, 99]
-    np.testing.assert_array_equal(np.array(drafting.head.weight), np.array(t.lm_head_weight()[mx.array(ids + [1, 2, 99])]))
-    hidden = mx.array(np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32))
-    tokens, logp, _ = transition_tables(drafter, t, 9, hidden, drafting.opts, drafting.head)
-    assert set(tokens[np.isfinite(logp)].ravel().tolist()) <= set(ids + [1, 2, 99])
-    drafting.begin([3, 9, 3])  # nothing new: the drafter's own rows, not gathered again
-    assert drafting.head is drafting.own_head
-    off = DrafterDrafting(drafter, t, DraftOptions("treeflash", 32, 4, 4, 1.0, prompt_vocab=False))
-    off.begin(prompt)
-    assert np.array(off.head.ids).tolist() == ids
-    plain = DrafterDrafting(tiny_drafter(target), t, DraftOptions("treeflash", 32, 4, 4, 1.0))
-    plain.begin(prompt)
-    assert plain.head.ids is None

@@ -8,7 +8,6 @@ the caller goes on), and ``finish_draft`` takes the small tables across to numpy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -35,7 +34,6 @@ class DraftOptions:
     head_vocab: int = 0  # >0: the head's distribution at depth d covers only the marginal top-K of depth d
     window: int = 0  # >0: the drafter sees only the first `sinks` and the last `window` context positions
     sinks: int = DEFAULT_SINKS
-    prompt_vocab: bool = True  # a drafter with a sub-vocabulary also scores the tokens of the prompt
 
 
 PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0, "window": 0}
@@ -78,17 +76,11 @@ class DraftHead:
         return columns if self.ids is None else self.ids[columns]
 
 
-def make_head(drafter: Drafter, target: Target, extra: Sequence[int] = ()) -> DraftHead:
-    """The drafter's view of the target's head; built once per generation (the gather is not free).
-
-    ``extra``: target ids a drafter with a sub-vocabulary scores too, after its own (the prompt's tokens: an
-    answer often repeats words of its question that the training answers never held)."""
+def make_head(drafter: Drafter, target: Target) -> DraftHead:
+    """The drafter's view of the target's head; built once per generation (the gather is not free)."""
     if "sub_vocab" not in drafter:
         return DraftHead(target, target.lm_head_weight())
     ids = drafter.sub_vocab
-    if len(extra):
-        new = np.setdiff1d(np.asarray(extra), np.array(ids))
-        ids = mx.concatenate([ids, mx.array(new.astype(np.int32))]) if len(new) else ids
     head = target.model.lm_head if "lm_head" in target.model else target.embed_tokens
     if "scales" in head:
         biases = head["biases"][ids] if "biases" in head else None
@@ -259,9 +251,6 @@ class Drafting:
     def make_cache(self) -> list:
         return []
 
-    def begin(self, prompt: Sequence[int]) -> None:
-        """A generation from ``prompt`` starts (its tokens may shape the drafts; see ``DrafterDrafting``)."""
-
     def adopt(self, cache: list | None) -> list:
         """The drafter part of a prompt cache, made fit for this drafting (see ``DrafterDrafting``)."""
         return cache if cache is not None else self.make_cache()
@@ -286,16 +275,10 @@ class DrafterDrafting(Drafting):
         self.drafter, self.target, self.opts = drafter, target, opts
         self.mode = opts.mode
         self.capture = list(drafter.args.target_layer_ids)
-        self.head = self.own_head = make_head(drafter, target)  # rows gathered once, not per round
+        self.head = make_head(drafter, target)  # the sub-vocabulary's rows are gathered once, not per round
 
     def make_cache(self) -> list:
         return self.drafter.make_cache(self.opts.window, self.opts.sinks)
-
-    def begin(self, prompt: Sequence[int]) -> None:
-        """With a sub-vocabulary and ``prompt_vocab``, the drafter scores the prompt's tokens too."""
-        self.head = self.own_head
-        if self.opts.prompt_vocab and "sub_vocab" in self.drafter and not np.isin(prompt, self.head.ids).all():
-            self.head = make_head(self.drafter, self.target, prompt)
 
     def adopt(self, cache: list | None) -> list:
         """A prompt cache's drafter part made fit for this drafting: kept when it has this context window, cut

@@ -48,7 +48,6 @@ def replay(drafting: Drafting, tokens: np.ndarray, prompt_len: int, features: np
     every position. ``max_tokens`` cuts the answer as generation's own limit would (the first answer token,
     which the prefill samples, counts as one). Returns τ of every verification round, the prefill's excluded."""
     end = len(tokens) if max_tokens is None else min(len(tokens), prompt_len + max_tokens)
-    drafting.begin(tokens[:prompt_len].tolist())
     cache = drafting.make_cache()
     drafting.append_context(_rows(features, 0, prompt_len), cache)
     taus, a = [], prompt_len

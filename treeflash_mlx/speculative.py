@@ -174,7 +174,6 @@ def generate_step(
     prompt = token_ids(prompt, target.vocab_size)
     limit = token_limit(target, len(prompt), max_tokens)
     drafting.check_budget(len(prompt) + (limit or 0))
-    drafting.begin(prompt)
     sampler = sampler or greedy
     processors = logits_processors or ()
     stop_tokens = set(stop_tokens)
