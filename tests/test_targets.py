@@ -41,6 +41,26 @@ def test_every_family_and_quantization_matches_mlx_lm_greedy(tokenizer, family, 
             assert out == reference, (family, bits, mode)
 
 
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_every_family_matches_mlx_lm_greedy_with_the_cpu_attention_in_every_layer(tokenizer, family, monkeypatch):
+    """Tiny models' attention is below the size where the CPU attention takes over from MLX's fused kernel
+    (cpu_attention.MIN_SCORES); here it runs every layer of every pass, prefill included."""
+    from treeflash_mlx import cpu_attention
+
+    calls = []
+    real = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
+    target = tiny_target(family, seed=6)
+    drafter = tiny_drafter(target)
+    prompts = random_prompts(N_PROMPTS, seed=11)
+    for mode in MODES:
+        for prompt in prompts:
+            out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode)]
+            assert out == mlx_lm_greedy(target, prompt, N_TOKENS), (family, mode)
+    assert calls, "the CPU attention must have run"
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_quantized_drafter_with_a_quantized_target_stays_lossless(tokenizer, bits):
     target = quantized(tiny_target("qwen3_moe", seed=3), bits)
@@ -62,9 +82,13 @@ def long_prompts() -> list[list[int]]:
     return random_prompts(2, seed=11) + [np.random.default_rng(5).integers(0, 255, 3 * WINDOW).tolist()]
 
 
+@pytest.mark.parametrize("attention", ["fused", "cpu"])
 @pytest.mark.parametrize("bits", [None, 4], ids=["float", "4-bit"])
 @pytest.mark.parametrize("family", SLIDING)
-def test_sliding_window_targets_match_mlx_lm_greedy_in_every_mode(tokenizer, family, bits):
+def test_sliding_window_targets_match_mlx_lm_greedy_in_every_mode(tokenizer, family, bits, attention, monkeypatch):
+    from treeflash_mlx import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0 if attention == "cpu" else 1 << 62)
     target = quantized(tiny_target(family, seed=6, extra=SLIDING[family]), bits)
     assert None in Target(target).windows and WINDOW in Target(target).windows
     drafter = tiny_drafter(target, block_size=16)  # trees and chains deeper than the window

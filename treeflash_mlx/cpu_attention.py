@@ -21,6 +21,10 @@ import math
 
 import mlx.core as mx
 
+# Below this many scores (heads × queries × keys) per layer MLX's fused kernel is faster: its one call costs
+# less than our handful of operations, and the exponentials it saves are too few to pay for them.
+MIN_SCORES = 32768
+
 # e^(f ln 2) = sum_k (f ln 2)^k / k!
 _COEFFS = [math.log(2) ** k / math.factorial(k) for k in range(11)]
 

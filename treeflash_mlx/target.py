@@ -141,7 +141,8 @@ class Target:
         k, v = cache.update_and_fetch(k, v)
         if lo:  # a sliding layer: the keys before lo are outside every query's window
             k, v = _from_position(k, lo), _from_position(v, lo)
-        if self.cpu_attention and q.dtype == mx.float32 and not hasattr(cache, "bits"):
+        if (self.cpu_attention and q.dtype == mx.float32 and not hasattr(cache, "bits")
+                and q.shape[1] * L * k.shape[2] >= cpu_attention.MIN_SCORES):
             out = cpu_attention.attention(q, k, v, attn.scale, mask)  # exp at the speed of a multiply-add
         else:
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
