@@ -206,6 +206,19 @@ def test_the_peer_refuses_what_it_cannot_run_in_one_line(models, tmp_path, capsy
 
 
 @needs_peer
+def test_a_peer_mode_the_family_lacks_fails_in_one_line_before_anything_is_timed(tmp_path, capsys):
+    """dflash-mlx's tree verify reads Qwen3's q_norm: on a Qwen2 target its ddtree mode fails in the probe."""
+    target = tiny_target("qwen2", seed=4)
+    model = save_target(target, tmp_path / "qwen2")
+    drafter = save_drafter(tiny_drafter(target, block_size=6), tmp_path / "drafter")
+    assert main(["--model", str(model), "--drafter", str(drafter), "--modes", "dflash-mlx-ddtree",
+                 "--num-prompts", "1", "--max-tokens", "4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err  # nothing measured before it
+    assert "ddtree mode cannot run the target" in err and "q_norm" in err and "drop dflash-mlx-ddtree" in err, err
+
+
+@needs_peer
 @pytest.mark.slow
 def test_the_peer_accepts_what_our_chain_accepts_with_the_demo_drafter(tmp_path, capsys):
     """The trained demo pair: the DFlash-layout export is the same drafter to dflash-mlx, round by round."""

@@ -1,7 +1,9 @@
 """The shipped Qwen2.5-Coder-0.5B drafter with its real target: lossless in every mode.
 
-Runs when the target has been fetched (``../shared/models/fetch-model qwen2.5-coder-0.5b``, or a float32 copy
-named by ``TREEFLASH_QWEN_CODER``); skipped with the reason otherwise. Slow: ``-m "not slow"`` leaves it out.
+Runs when the target is on this machine: Qwen/Qwen2.5-Coder-0.5B-Instruct from the Hugging Face hub in
+``$TREEFLASH_MODELS/qwen2.5-coder-0.5b`` (default ``~/.cache/treeflash-models``; converted to float32 here, once per
+session), its float32 copy in ``qwen2.5-coder-0.5b-f32`` beside it, or a float32 copy named by
+``TREEFLASH_QWEN_CODER``. Skipped with the reason otherwise. Slow: ``-m "not slow"`` leaves it out.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def float32_target(tmp_path_factory) -> Path:
         return MODELS / "qwen2.5-coder-0.5b-f32"
     source = MODELS / "qwen2.5-coder-0.5b"
     if not (source / "config.json").is_file():
-        pytest.skip(f"the real target is not fetched ({source}): run shared/models/fetch-model qwen2.5-coder-0.5b")
+        pytest.skip(f"the real target is not on this machine: download Qwen/Qwen2.5-Coder-0.5B-Instruct into {source} "
+                    "(huggingface-cli download Qwen/Qwen2.5-Coder-0.5B-Instruct --local-dir ...) or set "
+                    "TREEFLASH_QWEN_CODER to a float32 copy")
     from mlx_lm.convert import convert
 
     out = tmp_path_factory.mktemp("qwen") / "f32"
@@ -53,6 +57,9 @@ def pair(tmp_path_factory):
 
 SETTINGS = {"treeflash": {}, "marginal": {}, "chain": {},
             "treeflash-published": {"tree_size": 64, "draft_top_m": 16, "draft_vocab": 0}}
+# Mean tokens per round on these prompts, under what the shipped drafter reaches on them (an untrained drafter
+# gets ~1.0 everywhere). Measured: treeflash 1.66, marginal 1.53, chain 1.30, treeflash-published 2.05.
+MIN_TAU = {"treeflash": 1.45, "marginal": 1.35, "chain": 1.15, "treeflash-published": 1.8}
 
 
 @pytest.mark.parametrize("case", SETTINGS)
@@ -67,7 +74,8 @@ def test_the_shipped_drafter_is_lossless_with_its_target(pair, case):
         assert tokens == reference[: len(tokens)]
         assert len(tokens) == N_TOKENS or tokens[-1] in tokenizer.eos_token_ids
         taus += list({r.round: r.acceptance_length for r in responses if r.round}.values())
-    assert sum(taus) / len(taus) > 1.0, "a trained drafter gets drafts accepted"
+    tau = sum(taus) / len(taus)
+    assert tau > MIN_TAU[case], f"{case}: mean acceptance length {tau:.2f}, a trained drafter reaches {MIN_TAU[case]}"
     mx.clear_cache()
 
 

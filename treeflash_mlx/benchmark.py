@@ -217,9 +217,10 @@ def model_class_calls() -> dict:
             if isinstance(cls, type) and cls.__module__ == m.__name__ and "__call__" in cls.__dict__}
 
 
-def load_peer(model_path: str, args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
+def load_peer(model_path: str, modes: list[str], args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
     """dflash-mlx's own copy of the target with the drafter in the DFlash layout (``--peer-drafter``, or
-    ``--drafter`` exported to a temporary directory), loaded once, and one runtime context per verify mode.
+    ``--drafter`` exported to a temporary directory), loaded once, and one runtime context per verify mode,
+    each of ``modes`` probed once.
     Its drafter context window is ours (--draft-window, by default generate's; 0: the whole context).
 
     Loading it installs its hooks on mlx-lm's attention classes for the whole process; ``cleanup`` puts the
@@ -251,12 +252,35 @@ def load_peer(model_path: str, args: argparse.Namespace, cleanup: contextlib.Exi
     window = {"draft_window_size": args.draft_window or 1 << 30,  # its cache grows by concatenation: no allocation
               "draft_sink_size": DEFAULT_SINKS if args.draft_sinks is None else args.draft_sinks}
     contexts = {m: build_offline_runtime_context(verify_mode=v, **window) for m, v in PEER_MODES.items()}
+    for mode in modes:
+        probe_peer(bundle, contexts[mode], mode, model_path)
     dropped = args.peer_drafter is None and "sub_vocab" in load_drafter(args.drafter)[0]
     if dropped:
         print("dflash-mlx runs --drafter's backbone over the whole vocabulary: the DFlash layout has no "
               "sub-vocabulary", file=sys.stderr)
     return {"bundle": bundle, "contexts": contexts, "stop": get_stop_token_ids(bundle.tokenizer),
             "sub_vocab_dropped": dropped}
+
+
+def probe_peer(bundle, context, mode: str, model_path: str) -> None:
+    """A two-token generation in one of the peer's modes, before anything is timed: a verify mode that has no
+    backend for this target's family (its tree verify reads Qwen3's q_norm, say) fails here, in one line,
+    rather than after the verification costs have been measured."""
+    from dflash_mlx.engine.events import SummaryEvent
+    from dflash_mlx.runtime import stream_dflash_generate
+
+    try:
+        events = stream_dflash_generate(target_model=bundle.target_model, target_ops=bundle.target_ops,
+                                        tokenizer=bundle.tokenizer, draft_model=bundle.draft_model,
+                                        draft_backend=bundle.draft_backend, prompt_tokens_override=[0, 1, 2, 3],
+                                        max_new_tokens=2, stop_token_ids=[], runtime_context=context)
+        [e for e in events if isinstance(e, SummaryEvent)]
+    except Exception as err:  # the peer's own failure, whatever its type: reported with its first cause
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ValueError(f"dflash-mlx's {PEER_MODES[mode]} mode cannot run the target '{model_path}' "
+                         f"({type(cause).__name__}: {cause}); drop {mode} from --modes") from err
 
 
 def run_peer(peer: dict, tokenizer, prompt, mode: str, args) -> dict:
@@ -453,7 +477,7 @@ def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> None:
         raise ValueError("mode 'draft-model' needs --draft-model (a small model with the same tokenizer)")
     model, tokenizer, drafter = load(args.model, args.drafter)
     draft_model = load(args.draft_model)[0] if "draft-model" in modes else None
-    peer = load_peer(args.model, args, cleanup) if peer_modes else None
+    peer = load_peer(args.model, peer_modes, args, cleanup) if peer_modes else None
     if any(base_mode(m) == "treeflash" for m in modes) and drafter is not None and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head")
     if args.prompts == "long":

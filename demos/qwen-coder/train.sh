@@ -25,6 +25,6 @@ PY
 python -m treeflash_mlx.train --model "$target" --data "$work/prompts.jsonl" --eval-data "$work/heldout.jsonl" \
     --eval-prompts 20 --eval-tokens 128 --out "$work/drafter" --work-dir "$work/run" \
     --layers 2 --intermediate-size 2432 --block-size 8 --target-layer-ids 1,8,15,22 --sub-vocab-size 16384 \
-    --num-prompts 1536 --prompt-tokens 384 --gen-tokens 256 --gen-batch 48 --label-top-k 32 \
-    --steps 1300 --batch 4 --anchors 32 --lr 8e-4 --save-every 50 --eval-every 100 \
+    --num-prompts 768 --prompt-tokens 384 --gen-tokens 256 --gen-batch 48 --label-top-k 32 \
+    --steps 1600 --batch 4 --anchors 32 --lr 8e-4 --save-every 50 --eval-every 100 \
     --save-dtype bfloat16 "$@"
