@@ -1,12 +1,12 @@
 """How much one tree verification costs next to one plain decoding step, on this machine.
 
     python demos/verify_cost.py [--hidden 768 --layers 12 --vocab 32000] [--sizes 1,16,32,64] [--prefix 256]
-    python demos/verify_cost.py --model TARGET_DIR --prefix 512,2048,8192 --compare-attention
+    python demos/verify_cost.py --model TARGET_DIR --prefix 512,2048,8192 --compare-kernels
 
 Builds a random float32 Qwen3 target (~120M parameters by default), or loads ``--model``, and times tree
 verifications of n nodes after ``--prefix`` cached tokens, interleaved with mlx-lm's own one-token steps.
-Speculative decoding pays only when τ exceeds these ratios (plus the drafting cost). ``--compare-attention``
-times every verification twice, interleaved, with MLX's fused attention and with ours (cpu_attention.py).
+Speculative decoding pays only when τ exceeds these ratios (plus the drafting cost). ``--compare-kernels``
+times every verification twice, interleaved, with MLX's own attention and SwiGLU and with ours (cpu_kernels.py).
 """
 
 import argparse
@@ -30,7 +30,7 @@ p.add_argument("--vocab", type=int, default=32000)
 p.add_argument("--sizes", default="1,16,32,64")
 p.add_argument("--repeats", type=int, default=20)
 p.add_argument("--prefix", default="256", help="cached tokens before the step / the tree (comma-separated list)")
-p.add_argument("--compare-attention", action="store_true", help="MLX's fused attention against ours, interleaved")
+p.add_argument("--compare-kernels", action="store_true", help="MLX's own attention and SwiGLU against ours, interleaved")
 args = p.parse_args()
 if args.model:
     model = load(args.model)[0]
@@ -51,14 +51,14 @@ params = sum(v.size for _, v in tree_flatten(model.parameters()))
 print(f"target: {about}, {params / 1e6:.0f}M parameters, median of {args.repeats}")
 
 
-def compare_attention(prefix: int) -> None:
+def compare_kernels(prefix: int) -> None:
     target = Target(model)
     cache = target.make_cache()
     mx.eval(target.forward(mx.array(rng.integers(0, vocab, prefix)), cache, last_only=True)[0])
     times = {}
     for repeat in range(args.repeats + 1):  # the first pass compiles kernels and is dropped
         for ours in (False, True):
-            target.cpu_attention = ours
+            target.cpu_kernels = ours
             for n, tree in trees.items():
                 tic = time.perf_counter()
                 mx.eval(target.verify(tree, cache)[0])
@@ -68,13 +68,13 @@ def compare_attention(prefix: int) -> None:
                     c.offset = prefix
     for n in sizes:
         mlx_s, ours_s = np.median(times[(False, n)]), np.median(times[(True, n)])
-        print(f"{prefix:6d} cached, verify {n:3d} nodes: MLX's attention {mlx_s * 1e3:7.1f} ms, "
+        print(f"{prefix:6d} cached, verify {n:3d} nodes: MLX's kernels {mlx_s * 1e3:7.1f} ms, "
               f"ours {ours_s * 1e3:7.1f} ms ({mlx_s / ours_s:4.2f}x)")
 
 
 for prefix in (int(x) for x in args.prefix.split(",")):
-    if args.compare_attention:
-        compare_attention(prefix)
+    if args.compare_kernels:
+        compare_kernels(prefix)
         continue
     costs = verify_costs(model, trees, prefix, repeats=args.repeats)
     print(f"{prefix}-token prefix: mlx-lm one-token step {costs['step'] * 1e3:7.1f} ms")

@@ -44,13 +44,13 @@ def test_every_family_and_quantization_matches_mlx_lm_greedy(tokenizer, family, 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_every_family_matches_mlx_lm_greedy_with_the_cpu_attention_in_every_layer(tokenizer, family, monkeypatch):
     """Tiny models' attention is below the size where the CPU attention takes over from MLX's fused kernel
-    (cpu_attention.MIN_SCORES); here it runs every layer of every pass, prefill included."""
-    from treeflash_mlx import cpu_attention
+    (cpu_kernels.MIN_SCORES); here it runs every layer of every pass, prefill included."""
+    from treeflash_mlx import cpu_kernels
 
     calls = []
-    real = cpu_attention.attention
-    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
-    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "MIN_SCORES", 0)
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(1) or real(*a))
     target = tiny_target(family, seed=6)
     drafter = tiny_drafter(target)
     prompts = random_prompts(N_PROMPTS, seed=11)
@@ -59,6 +59,26 @@ def test_every_family_matches_mlx_lm_greedy_with_the_cpu_attention_in_every_laye
             out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode)]
             assert out == mlx_lm_greedy(target, prompt, N_TOKENS), (family, mode)
     assert calls, "the CPU attention must have run"
+
+
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_the_cpu_swiglu_runs_where_the_family_has_mlx_lms_swiglu_mlp_and_stays_lossless(tokenizer, family,
+                                                                                       monkeypatch):
+    """Every dense SwiGLU MLP of the tree passes runs the CPU kernel (Gemma's GELU and sparse MoE blocks keep
+    their own), and the output stays mlx-lm's."""
+    from treeflash_mlx import cpu_kernels
+
+    calls = []
+    real = cpu_kernels.swiglu
+    monkeypatch.setattr(cpu_kernels, "swiglu", lambda *a: calls.append(1) or real(*a))
+    target = tiny_target(family, seed=6)
+    drafter = tiny_drafter(target)
+    for mode in MODES:
+        for prompt in random_prompts(N_PROMPTS, seed=11):
+            out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode)]
+            assert out == mlx_lm_greedy(target, prompt, N_TOKENS), (family, mode)
+    dense = [type(layer.mlp).__name__ == "MLP" for layer in target.model.layers]
+    assert bool(calls) == (family in ("qwen3", "qwen2", "llama") or (family == "qwen3_moe" and any(dense))), family
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -86,9 +106,9 @@ def long_prompts() -> list[list[int]]:
 @pytest.mark.parametrize("bits", [None, 4], ids=["float", "4-bit"])
 @pytest.mark.parametrize("family", SLIDING)
 def test_sliding_window_targets_match_mlx_lm_greedy_in_every_mode(tokenizer, family, bits, attention, monkeypatch):
-    from treeflash_mlx import cpu_attention
+    from treeflash_mlx import cpu_kernels
 
-    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0 if attention == "cpu" else 1 << 62)
+    monkeypatch.setattr(cpu_kernels, "MIN_SCORES", 0 if attention == "cpu" else 1 << 62)
     target = quantized(tiny_target(family, seed=6, extra=SLIDING[family]), bits)
     assert None in Target(target).windows and WINDOW in Target(target).windows
     drafter = tiny_drafter(target, block_size=16)  # trees and chains deeper than the window

@@ -12,6 +12,8 @@ keys at positions p - window < j <= p (docs/algorithm.md, "Sliding windows"); th
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -19,10 +21,11 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma3_text import clip_residual  # the residual sum Gemma 3 clips in float16
 
-from . import cpu_attention
+from . import cpu_kernels
 
 SUPPORTED_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama", "gemma3_text")
 SLIDING_FAMILIES = ("llama", "gemma3_text")  # the families whose sliding-window layers this module runs
+SWIGLU_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama")  # their dense ``MLP``: down(swiglu(gate(x), up(x)))
 
 
 def layer_windows(model: nn.Module, family: str) -> list[int | None]:
@@ -94,9 +97,11 @@ class Target:
         self.hidden_size: int = args.hidden_size
         self.vocab_size: int = args.vocab_size
         self.max_context: int | None = getattr(args, "max_position_embeddings", None)
-        # MLX's CPU backend computes attention's exponentials one at a time (cpu_attention.py); Metal's own
-        # fused kernel is kept on the GPU.
-        self.cpu_attention = mx.default_device() == mx.cpu
+        # MLX's CPU backend computes exponentials one at a time (cpu_kernels.py): there attention and the
+        # dense SwiGLU MLPs run our kernels; Metal's own are kept on the GPU.
+        self.cpu_kernels = mx.default_device() == mx.cpu
+        module = sys.modules[type(model).__module__]
+        self.swiglu_mlp = getattr(module, "MLP", None) if family in SWIGLU_FAMILIES else None
 
     def lm_head(self, normed: mx.array) -> mx.array:
         if "lm_head" in self.model:
@@ -123,7 +128,12 @@ class Target:
             h = clip_residual(h, layer.post_attention_layernorm(attn))
             return clip_residual(h, layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h))))
         h = h + attn
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
+
+    def _mlp(self, mlp, x):
+        if self.cpu_kernels and x.dtype == mx.float32 and type(mlp) is self.swiglu_mlp:
+            return mlp.down_proj(cpu_kernels.swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+        return mlp(x)  # sparse MoE blocks, Gemma's GELU, other dtypes, the GPU
 
     def _attention(self, attn, x, mask, cache, positions, lo=0):
         B, L, _ = x.shape
@@ -141,9 +151,9 @@ class Target:
         k, v = cache.update_and_fetch(k, v)
         if lo:  # a sliding layer: the keys before lo are outside every query's window
             k, v = _from_position(k, lo), _from_position(v, lo)
-        if (self.cpu_attention and q.dtype == mx.float32 and not hasattr(cache, "bits")
-                and q.shape[1] * L * k.shape[2] >= cpu_attention.MIN_SCORES):
-            out = cpu_attention.attention(q, k, v, attn.scale, mask)  # exp at the speed of a multiply-add
+        if (self.cpu_kernels and q.dtype == mx.float32 and not hasattr(cache, "bits")
+                and q.shape[1] * L * k.shape[2] >= cpu_kernels.MIN_SCORES):
+            out = cpu_kernels.attention(q, k, v, attn.scale, mask)  # exp at the speed of a multiply-add
         else:
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
         return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,4 +1,4 @@
-"""The CPU attention: MLX's own attention to float32 rounding, for every mask the tree forward gives it."""
+"""The CPU kernels: MLX's own attention and mlx-lm's SwiGLU to float32 rounding, for every mask the tree forward gives."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from treeflash_mlx.cpu_attention import attention, exp_nonpositive
+from treeflash_mlx.cpu_kernels import attention, exp_nonpositive, swiglu
 
 
 def test_the_exponential_is_as_accurate_as_mlxs():
@@ -45,3 +45,16 @@ def test_a_per_head_mask_is_applied_to_its_own_head():
     mask = mx.array(rng.random((1, 4, 3, 6)) < 0.6) | (mx.arange(6) == 0)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
     np.testing.assert_allclose(np.array(attention(q, k, v, 0.3, mask)), np.array(want), atol=2e-6, rtol=1e-5)
+
+
+def test_swiglu_equals_mlx_lms_to_float32_rounding():
+    from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+
+    rng = np.random.default_rng(4)
+    gate = np.concatenate([rng.normal(size=50000) * 6, np.linspace(-90, 90, 10001), [0.0, -0.0, 1e-30, -1e-30]])
+    gate, up = mx.array(gate.astype(np.float32)), mx.array(rng.normal(size=gate.size).astype(np.float32))
+    exact = np.array(gate).astype(np.float64) / (1 + np.exp(-np.array(gate).astype(np.float64))) * np.array(up)
+    got, theirs = np.array(swiglu(gate, up)).astype(np.float64), np.array(mlx_lm_swiglu(gate, up)).astype(np.float64)
+    scale = np.abs(np.array(up)) * np.maximum(1.0, np.abs(np.array(gate)))  # the size of the product's terms
+    assert (np.abs(got - exact) / scale).max() <= max(3e-7, 1.1 * (np.abs(theirs - exact) / scale).max())
+    np.testing.assert_allclose(got, theirs, rtol=1e-5, atol=1e-6 * scale.max())
