@@ -108,7 +108,7 @@ def remove_stale_staging(dst: Path) -> list[Path]:
     return removed
 
 
-class _Staging:
+class StagedOutput:
     """Write into a hidden sibling of ``dst``; move it into place on success, delete it on any failure
     (SIGTERM included; what a SIGKILL leaves is removed by the next run for the same destination).
 
@@ -209,7 +209,7 @@ def convert(
         raise ValueError(f"--q-group-size must be 32, 64 or 128, got {q_group_size}")
     dst = Path(mlx_path)
     src = resolve_drafter(hf_path)
-    staging = _Staging(dst, force, sources=(src,))
+    staging = StagedOutput(dst, force, sources=(src,))
     config, raw = read_config(src)
     architectures = raw.get("architectures") or []
     if architectures and not KNOWN_ARCHITECTURES & set(architectures):
@@ -261,7 +261,7 @@ def export(mlx_path: str | Path, hf_path: str | Path, dtype: str | None = None, 
 
     dst = Path(hf_path)
     src = resolve_drafter(str(mlx_path))
-    staging = _Staging(dst, force, sources=(src,))
+    staging = StagedOutput(dst, force, sources=(src,))
     drafter, src = load_drafter(src)
     drafter = dequantize_model(drafter)
     weights = dict(tree_flatten(drafter.parameters()))

@@ -610,9 +610,9 @@ def train(args: argparse.Namespace) -> dict:
                   "answer tokens", file=sys.stderr)
         drafter = new_drafter(target, args, ids, mask, vocab)
     report = fit(args, target, drafter, corpus, heldout, run)
-    from .convert import _Staging
+    from .convert import StagedOutput
 
-    with _Staging(args.out, args.force) as staging:  # written aside, moved into place whole
+    with StagedOutput(args.out, args.force) as staging:  # written aside, moved into place whole
         save_drafter(drafter, staging, dtype=getattr(mx, args.save_dtype))
     if args.export_hf is not None:
         from .convert import export
