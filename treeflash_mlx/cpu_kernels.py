@@ -16,7 +16,7 @@ The exponential is a fused polynomial kernel (``mx.compile``):
 
 with 2^n written straight into a float32's exponent bits. Its error is that of rounding t to float32, the same
 as MLX's own ``exp`` (both about 3e-6 relative at x = -40, far less near the maximum, where the weights that
-matter are). Arguments are <= 0 (scores minus their row maximum) and clamped at -126 (2^-126 ~ 1e-38).
+matter are). Arguments are <= 0 (scores minus their row maximum; -|gate|) and clamped at -126 (2^-126 ~ 1e-38).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) · up for float32 arrays, as mlx-lm's ``swiglu`` to float32 rounding.
 
-    sigmoid(g) = 1 / (1 + e^-g) = e / (1 + e) for g < 0, with e = exp(-|g|) <= 1 on both sides, so only
+    With e = exp(-|g|) <= 1: sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) for g < 0, so only
     ``exp_nonpositive`` is needed and nothing overflows."""
     e = exp_nonpositive(-mx.abs(gate))
     return gate * (mx.where(gate >= 0, 1.0, e) / (1.0 + e)) * up
