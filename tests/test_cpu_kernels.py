@@ -1,4 +1,4 @@
-"""The CPU kernels: MLX's own attention and mlx-lm's SwiGLU to float32 rounding, for every mask the tree forward gives."""
+"""The CPU kernels: MLX's own attention and mlx-lm's SwiGLU to float32 rounding, for every mask trees give."""
 
 from __future__ import annotations
 
