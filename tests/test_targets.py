@@ -28,17 +28,21 @@ def quantized(model: nn.Module, bits: int | None) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4], ids=["float", "8-bit", "4-bit"])
-@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
-def test_every_family_and_quantization_matches_mlx_lm_greedy(tokenizer, family, bits):
-    target = quantized(tiny_target(family, seed=6), bits)
+def assert_every_mode_matches_mlx_lm_greedy(target: nn.Module, tokenizer, label) -> None:
+    """Every tree and chain mode, with a random drafter, gives mlx-lm's greedy tokens on the standard prompts."""
     drafter = tiny_drafter(target)
     prompts = random_prompts(N_PROMPTS, seed=11)
     expected = [mlx_lm_greedy(target, p, N_TOKENS) for p in prompts]
     for mode in MODES:
         for prompt, reference in zip(prompts, expected):
             out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode)]
-            assert out == reference, (family, bits, mode)
+            assert out == reference, (label, mode)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4], ids=["float", "8-bit", "4-bit"])
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_every_family_and_quantization_matches_mlx_lm_greedy(tokenizer, family, bits):
+    assert_every_mode_matches_mlx_lm_greedy(quantized(tiny_target(family, seed=6), bits), tokenizer, (family, bits))
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
@@ -51,13 +55,7 @@ def test_every_family_matches_mlx_lm_greedy_with_the_cpu_attention_in_every_laye
     real = cpu_kernels.attention
     monkeypatch.setattr(cpu_kernels, "MIN_SCORES", 0)
     monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(1) or real(*a))
-    target = tiny_target(family, seed=6)
-    drafter = tiny_drafter(target)
-    prompts = random_prompts(N_PROMPTS, seed=11)
-    for mode in MODES:
-        for prompt in prompts:
-            out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode)]
-            assert out == mlx_lm_greedy(target, prompt, N_TOKENS), (family, mode)
+    assert_every_mode_matches_mlx_lm_greedy(tiny_target(family, seed=6), tokenizer, family)
     assert calls, "the CPU attention must have run"
 
 
@@ -72,11 +70,7 @@ def test_the_cpu_swiglu_runs_where_the_family_has_mlx_lms_swiglu_mlp_and_stays_l
     real = cpu_kernels.swiglu
     monkeypatch.setattr(cpu_kernels, "swiglu", lambda *a: calls.append(1) or real(*a))
     target = tiny_target(family, seed=6)
-    drafter = tiny_drafter(target)
-    for mode in MODES:
-        for prompt in random_prompts(N_PROMPTS, seed=11):
-            out = [r.token for r in stream_generate(target, tokenizer, prompt, N_TOKENS, drafter=drafter, mode=mode)]
-            assert out == mlx_lm_greedy(target, prompt, N_TOKENS), (family, mode)
+    assert_every_mode_matches_mlx_lm_greedy(target, tokenizer, family)
     dense = [type(layer.mlp).__name__ == "MLP" for layer in target.model.layers]
     assert bool(calls) == (family in ("qwen3", "qwen2", "llama") or (family == "qwen3_moe" and any(dense))), family
 

@@ -266,7 +266,6 @@ def probe_peer(bundle, context, mode: str, model_path: str) -> None:
     """A two-token generation in one of the peer's modes, before anything is timed: a verify mode that has no
     backend for this target's family (its tree verify reads Qwen3's q_norm, say) fails here, in one line,
     rather than after the verification costs have been measured."""
-    from dflash_mlx.engine.events import SummaryEvent
     from dflash_mlx.runtime import stream_dflash_generate
 
     try:
@@ -274,7 +273,8 @@ def probe_peer(bundle, context, mode: str, model_path: str) -> None:
                                         tokenizer=bundle.tokenizer, draft_model=bundle.draft_model,
                                         draft_backend=bundle.draft_backend, prompt_tokens_override=[0, 1, 2, 3],
                                         max_new_tokens=2, stop_token_ids=[], runtime_context=context)
-        [e for e in events if isinstance(e, SummaryEvent)]
+        for _ in events:  # the generation runs as its events are read
+            pass
     except Exception as err:  # the peer's own failure, whatever its type: reported with its first cause
         cause = err
         while cause.__cause__ is not None:
@@ -286,7 +286,6 @@ def probe_peer(bundle, context, mode: str, model_path: str) -> None:
 def run_peer(peer: dict, tokenizer, prompt, mode: str, args) -> dict:
     """One greedy generation by dflash-mlx from the same prompt tokens (no template applied again). Timed as
     mlx-lm's: its generation time, prefill excluded; τ per target pass from its accepted drafts per cycle."""
-    from dflash_mlx.engine.events import SummaryEvent
     from dflash_mlx.runtime import stream_dflash_generate
 
     b = peer["bundle"]
