@@ -286,6 +286,7 @@ def probe_peer(bundle, context, mode: str, model_path: str) -> None:
 def run_peer(peer: dict, tokenizer, prompt, mode: str, args) -> dict:
     """One greedy generation by dflash-mlx from the same prompt tokens (no template applied again). Timed as
     mlx-lm's: its generation time, prefill excluded; τ per target pass from its accepted drafts per cycle."""
+    from dflash_mlx.engine.events import SummaryEvent
     from dflash_mlx.runtime import stream_dflash_generate
 
     b = peer["bundle"]
