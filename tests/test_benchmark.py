@@ -76,6 +76,8 @@ def test_bad_options_fail_clearly(models, capsys):
     for bad in ("chain@8", "treeflash@0", "treeflash@fast"):
         assert main(["--model", str(models[0]), "--modes", bad]) == 1
         assert f"mode '{bad}': only marginal and treeflash take a variant" in capsys.readouterr().err
+    assert main(["--model", str(models[0]), "--modes", "ar@nolookup"]) == 1
+    assert "mode 'ar@nolookup': only chain, marginal and treeflash take @nolookup" in capsys.readouterr().err
     assert main(["--model", str(models[0]), "--modes", "chain"]) == 1
     assert "need --drafter" in capsys.readouterr().err
 
@@ -86,7 +88,18 @@ def test_published_settings_run_beside_the_device_defaults(models, tmp_path, cap
     assert list(rows) == ["ar", "treeflash", "treeflash@published", "marginal@8"]
     assert rows["treeflash@published"]["tree_size"] == 64 and rows["marginal@8"]["tree_size"] == 8
     assert all(r["lossless"] for r in rows.values())
-    assert "@published: {'tree_size': 64, 'top_m': 16, 'head_vocab': 0, 'window': 0}" in table
+    assert "@published: {'tree_size': 64, 'top_m': 16, 'head_vocab': 0, 'window': 0, 'lookup': 0}" in table
+
+
+def test_copies_from_the_context_can_be_left_out_beside_the_defaults(models, tmp_path, capsys):
+    table, report = bench(capsys, models, tmp_path, "--modes", "treeflash,treeflash@nolookup,chain@nolookup")
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == ["ar", "treeflash", "treeflash@nolookup", "chain@nolookup"]
+    assert rows["treeflash@nolookup"]["tree_size"] == rows["treeflash"]["tree_size"] == 16
+    assert all(r["lossless"] for r in rows.values())
+    assert "copies from the context up to 8 tokens after 3+ matched" in table
+    assert rows["treeflash@nolookup"]["copied_rounds"] == 0 < rows["treeflash"]["rounds_counted"]
+    assert rows["treeflash"]["copied_rounds"] <= rows["treeflash"]["rounds_counted"]
 
 
 def test_plain_decoding_alone_reports_only_what_it_measured(models, tmp_path, capsys):
@@ -140,19 +153,19 @@ def test_long_prompts_must_fit_the_models_context(models, capsys):
 @needs_peer
 def test_the_peer_runs_interleaved_with_ours_on_the_same_drafter(models, tmp_path, capsys):
     before = benchmark.model_class_calls()
-    table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain,dflash-mlx,dflash-mlx-ddtree",
+    table, report = bench(capsys, models, tmp_path, "--modes", "ar,chain@nolookup,dflash-mlx,dflash-mlx-ddtree",
                           "--profile-prompts", "0")
     after = benchmark.model_class_calls()
     assert all(after[cls] is call for cls, call in before.items()), "the peer's hooks outlive the run"
     rows = {r["mode"]: r for r in report["results"]}
-    assert list(rows) == ["ar", "chain", "dflash-mlx", "dflash-mlx-ddtree"]
+    assert list(rows) == ["ar", "chain@nolookup", "dflash-mlx", "dflash-mlx-ddtree"]
     assert all(r["lossless"] for r in rows.values()) and table.count("| yes |") == 4
     for mode in ("dflash-mlx", "dflash-mlx-ddtree"):
         r = rows[mode]
         assert r["tokens_per_s"] > 0 and r["drafter_mb"] > 0 and r["ideal_speedup"] is None
-        assert sum(r["taus"]) == sum(rows["chain"]["taus"]), "cycles count the tokens they kept, as ours"
+        assert sum(r["taus"]) == sum(rows["chain@nolookup"]["taus"]), "cycles count the tokens they kept, as ours"
     if rows["dflash-mlx"]["copied_rounds"] == 0:  # no copy from the context replaced a draft: the same drafter
-        assert rows["dflash-mlx"]["taus"] == rows["chain"]["taus"], "the same chain, the same acceptance"
+        assert rows["dflash-mlx"]["taus"] == rows["chain@nolookup"]["taus"], "the same chain, the same acceptance"
 
 
 @needs_peer

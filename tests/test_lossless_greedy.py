@@ -52,9 +52,9 @@ class Oracle(DrafterDrafting):
         super().__init__(drafter, Target(target), DraftOptions())
         self.truth, self.rng, self.block = truth, rng, block
 
-    def start(self, root, cache, timer=untimed):
+    def start(self, history, cache, timer=untimed):
         start = cache[0].offset  # the drafter cache holds exactly the committed prefix
-        tokens, parents, depths, cur = [root], [-1], [0], 0
+        tokens, parents, depths, cur = [history[-1]], [-1], [0], 0
         for depth, token in enumerate(self.truth[start + 1 : start + self.block], start=1):
             if self.rng.random() < 0.4:  # a decoy sibling (with a child of its own) ahead of the true node
                 tokens += [(token + 1) % 255, token]
@@ -138,7 +138,7 @@ def test_drafting_settings_default_to_the_devices_and_given_ones_win(tokenizer):
     for given, budget in ((None, CPU_SETTINGS["tree_size"]), (40, 40)):
         stats = RoundStats()
         list(stream_generate(target, tokenizer, prompt, 16, drafter=drafter, tree_size=given, stats=stats))
-        assert {nodes for nodes, _ in stats.rounds} == {budget}
+        assert {r.nodes for r in stats.rounds} == {budget}
 
 
 @pytest.mark.parametrize("block_size", [2, 3])
@@ -182,9 +182,9 @@ def test_a_draft_is_started_only_for_a_round_that_runs(tokenizer, max_tokens):
     started = []
 
     class Counting(DrafterDrafting):
-        def start(self, root, cache, timer=untimed):
-            started.append(root)
-            return super().start(root, cache, timer)
+        def start(self, history, cache, timer=untimed):
+            started.append(history[-1])
+            return super().start(history, cache, timer)
 
     drafting = make_drafting(tiny_drafter(target), Target(target))
     counting = Counting(drafting.drafter, drafting.target, drafting.opts)

@@ -82,7 +82,8 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
     return 0
 
 
-DRAFTING_OPTIONS = ("tree_size", "draft_top_m", "draft_top_k", "draft_temp", "draft_vocab", "draft_window", "draft_sinks")
+DRAFTING_OPTIONS = ("tree_size", "draft_top_m", "draft_top_k", "draft_temp", "draft_vocab", "draft_window", "draft_sinks",
+                    "draft_lookup", "draft_lookup_match")
 
 
 def add_drafting_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +105,11 @@ def add_drafting_arguments(p: argparse.ArgumentParser) -> None:
                    help="the drafter sees only the first --draft-sinks and the last N context positions; "
                         "bounds its cost on long prompts (0: the whole context; output unchanged)")
     p.add_argument("--draft-sinks", type=int, default=None, help="context positions always kept with --draft-window")
+    p.add_argument("--draft-lookup", type=int, default=None,
+                   help="up to N tokens that followed an earlier occurrence of the last tokens join the tree "
+                        "(prompt lookup; 0: off; default: 0 on a GPU, as published, 8 on the CPU; output unchanged)")
+    p.add_argument("--draft-lookup-match", type=int, default=None,
+                   help="the fewest last tokens such an earlier occurrence must repeat (3)")
 
 
 def drafting_settings(args: argparse.Namespace) -> dict:

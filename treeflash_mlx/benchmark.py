@@ -32,7 +32,7 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
-from .drafting import DEFAULT_SINKS, PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
+from .drafting import DEFAULT_LOOKUP_MATCH, DEFAULT_SINKS, PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
 from .checkpoints import load_drafter
 from .loading import load, read_jsonl_prompts
 from .prompt_cache import PromptCache, make_prompt_cache
@@ -152,8 +152,9 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: d
     taus = list({r.round: r.acceptance_length for r in responses if r.round > 0}.values())
     return {"tokens": tokens, "seconds": last.generation_tokens / last.generation_tps,
             "generated": last.generation_tokens, "taus": taus,
-            "nodes": [n for n, _ in stats.rounds] if stats else [],
-            "paths": [path for _, path in stats.rounds] if stats else [],
+            "nodes": [r.nodes for r in stats.rounds] if stats else [],
+            "paths": [r.path for r in stats.rounds] if stats else [],
+            **({"copied_rounds": sum(r.copied > 0 for r in stats.rounds)} if stats else {}),
             "stages": stats.seconds if stats else {}, "peak_memory": peak,
             "drafter_bytes": drafter_bytes(drafting) + sum(c.nbytes for c in cache.drafter or [])}
 
@@ -363,7 +364,15 @@ def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[d
             "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs],
             "peak_memory_gb": max(r["peak_memory"] for r in runs) / 1e9,
             "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6,
-            **({"copied_rounds": sum(r["copied_rounds"] for r in runs)} if "copied_rounds" in runs[0] else {})}
+            **copies(profiles if profiles and "copied_rounds" in profiles[0] else runs)}
+
+
+def copies(runs: list[dict]) -> dict:
+    """Rounds whose draft held a copy from the context, of all rounds of the runs that count them (ours: the
+    profiled runs; the peer's: every run)."""
+    if not runs or "copied_rounds" not in runs[0]:
+        return {}
+    return {"copied_rounds": sum(r["copied_rounds"] for r in runs), "rounds_counted": sum(len(r["taus"]) for r in runs)}
 
 
 def markdown(results: list[dict]) -> str:
@@ -435,8 +444,11 @@ def check_modes(modes: list[str]) -> None:
         if base not in ALL_MODES and m not in PEER_MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join([*ALL_MODES, *PEER_MODES])} (tree modes "
                              "may add @N or @published)")
-        if variant and (base not in TREE_MODES or not (variant == "published" or variant.isdigit() and int(variant))):
-            raise ValueError(f"mode {m!r}: only {' and '.join(TREE_MODES)} take a variant, @N (a budget >= 1) "
+        if variant == "nolookup" and base not in ("chain", *TREE_MODES):
+            raise ValueError(f"mode {m!r}: only chain, {' and '.join(TREE_MODES)} take @nolookup")
+        if variant not in ("", "nolookup") and (base not in TREE_MODES
+                                                or not (variant == "published" or variant.isdigit() and int(variant))):
+            raise ValueError(f"mode {m!r}: only {' and '.join(TREE_MODES)} take a variant @N (a budget >= 1) "
                              "or @published")
 
 
@@ -460,6 +472,7 @@ def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> None:
     args.draft_top_m = settings["top_m"] if args.draft_top_m is None else args.draft_top_m
     args.draft_vocab = settings["head_vocab"] if args.draft_vocab is None else args.draft_vocab
     args.draft_window = settings["window"] if args.draft_window is None else args.draft_window
+    args.draft_lookup = settings["lookup"] if args.draft_lookup is None else args.draft_lookup
     if args.tree_size != "auto" and not (args.tree_size.isdigit() and int(args.tree_size) >= 1):
         raise ValueError(f"--tree-size must be a positive integer or 'auto', got {args.tree_size!r}")
     if args.model is None:
@@ -535,8 +548,10 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
         if mode.endswith("@published"):
             p = PUBLISHED_SETTINGS
             return {"tree_size": p["tree_size"], "draft_top_m": p["top_m"], "draft_vocab": p["head_vocab"],
-                    "draft_window": p["window"]}
-        return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab, **window}
+                    "draft_window": p["window"], "draft_lookup": p["lookup"]}
+        lookup = 0 if mode.endswith("@nolookup") else args.draft_lookup
+        return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab, **window,
+                "draft_lookup": lookup, "draft_lookup_match": args.draft_lookup_match}
 
     prefilled: dict[int, PromptCache] = {}  # with --prompts long: the current prompt's shared prefill
 
@@ -564,7 +579,7 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
     if any(base_mode(m) in TREE_MODES for m in modes):
         sizes = set(AUTO_CANDIDATES) | ({int(args.tree_size)} if args.tree_size != "auto" else set())
     trees = {f"tree{n}": bushy_tree(n, vocab, rng) for n in sorted(sizes)}
-    if "chain" in modes:
+    if any(base_mode(m) == "chain" for m in modes):
         trees[f"chain{B}"] = chain(0, rng.integers(0, vocab, B - 1))
     if "draft-model" in modes:
         trees[f"chain{args.num_draft_tokens + 1}"] = chain(0, rng.integers(0, vocab, args.num_draft_tokens))
@@ -572,7 +587,7 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
                   if base_mode(m) in TREE_MODES}
     for m in modes:
         variant = m.partition("@")[2]
-        if variant:
+        if variant and variant != "nolookup":
             tree_sizes[m] = PUBLISHED_SETTINGS["tree_size"] if variant == "published" else int(variant)
             trees.setdefault(f"tree{tree_sizes[m]}", bushy_tree(tree_sizes[m], vocab, rng))
     print("measuring verification costs", file=sys.stderr)
@@ -599,7 +614,7 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
             best, table = auto_tree_size(profile, costs, draft_s)
             choice = {"mode": profile_mode, "tree_size": best, "candidates": table}
             for m in modes:
-                if m in TREE_MODES:  # the plain tree modes; variants keep their own budget
+                if m in TREE_MODES or m in (f"{t}@nolookup" for t in TREE_MODES):  # other variants: their own
                     tree_sizes[m] = best
             modes += [f"{profile_mode}@{n}" for n in (16, 32, 64) if f"{profile_mode}@{n}" not in modes]
             for n in (16, 32, 64):
@@ -618,7 +633,7 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
 
     def verify_key(mode: str) -> str:
         return {"ar": "step", "draft-model": f"chain{args.num_draft_tokens + 1}", "chain": f"chain{B}"}.get(
-            mode, f"tree{tree_sizes.get(mode)}")
+            base_mode(mode), f"tree{tree_sizes.get(mode)}")
 
     results = [summarize(m, runs[m], profiles[m], runs["ar"], costs["step"],
                          None if m in PEER_MODES else costs[verify_key(m)], args.temp)  # the peer's verify: its own
@@ -635,9 +650,15 @@ def print_group(measured: dict, args: argparse.Namespace) -> None:
                                                                  "tree_sizes"))
     print(markdown(results))
     if tree_sizes:
-        print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, tree budget "
+        match = DEFAULT_LOOKUP_MATCH if args.draft_lookup_match is None else args.draft_lookup_match
+        print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, copies from the "
+              f"context {f'up to {args.draft_lookup} tokens after {match}+ matched' if args.draft_lookup else 'off'}"
+              ", tree budget "
               + ", ".join(f"{m} {n}" for m, n in tree_sizes.items())
               + (f" (@published: {PUBLISHED_SETTINGS})" if any(m.endswith("@published") for m in tree_sizes) else ""))
+    copied = [f"{r['mode']} {r['copied_rounds']} of {r['rounds_counted']}" for r in results if r.get("copied_rounds")]
+    if copied:
+        print("\nrounds whose draft held a copy from the context (ours: in the profiled runs): " + ", ".join(copied))
     if choice:
         print(f"\n--tree-size auto chose {choice['tree_size']} for {choice['mode']}: "
               + ", ".join(f"n={n}: τ {v['tau']:.2f}, predicted {v['predicted_speedup']:.2f}x"
@@ -691,8 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help="comma-separated; tree modes may add @N (budget N) or @published (tree 64, top-m 16, "
-                        "whole vocabulary), e.g. treeflash,treeflash@published; the peer dflash-mlx (if installed, "
-                        "greedy): dflash-mlx, dflash-mlx-ddtree")
+                        "whole vocabulary, no copies), e.g. treeflash,treeflash@published; chain and tree modes "
+                        "@nolookup (no copies from the context); the peer dflash-mlx (if installed, greedy): "
+                        "dflash-mlx, dflash-mlx-ddtree")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--tree-size", default=None,
@@ -702,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", type=int, default=None, help="as in generate: head over the marginal top-K")
     p.add_argument("--draft-window", type=int, default=None, help="as in generate: drafter context window")
     p.add_argument("--draft-sinks", type=int, default=None, help="as in generate: positions kept with the window")
+    p.add_argument("--draft-lookup", type=int, default=None,
+                   help="as in generate: tokens copied from the context into the tree (mode@nolookup: none)")
+    p.add_argument("--draft-lookup-match", type=int, default=None, help="as in generate: the copy's fewest matched tokens")
     p.add_argument("--profile-prompts", type=int, default=2,
                    help="prompts run once more with a sync after every stage, for the time split (0: none)")
     p.add_argument("--seed", type=int, default=0)

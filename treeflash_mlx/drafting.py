@@ -8,6 +8,7 @@ the caller goes on), and ``finish_draft`` takes the small tables across to numpy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -16,12 +17,14 @@ from .drafter import ContextWindow, Drafter, context_window
 from .sampling import log_softmax
 from .target import Target
 from .validation import check_tree_budget, finite, integer
-from .tree import DraftTree, best_first, chain, root_only
+from .lookup import continuation
+from .tree import DraftTree, best_first, chain, graft, root_only
 
 MODES = ("treeflash", "marginal", "chain", "ar")
 
 
 DEFAULT_SINKS = 64  # context positions a drafter window always keeps (the first ones: attention sinks)
+DEFAULT_LOOKUP_MATCH = 3  # last tokens a context copy must repeat (fewer: more copies, more of them wrong)
 
 
 @dataclass
@@ -34,10 +37,12 @@ class DraftOptions:
     head_vocab: int = 0  # >0: the head's distribution at depth d covers only the marginal top-K of depth d
     window: int = 0  # >0: the drafter sees only the first `sinks` and the last `window` context positions
     sinks: int = DEFAULT_SINKS
+    lookup: int = 0  # >0: up to this many tokens copied from the context join the tree (lookup.py)
+    lookup_match: int = DEFAULT_LOOKUP_MATCH  # the fewest last tokens an earlier occurrence must repeat
 
 
-PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0, "window": 0}
-CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64, "window": 1024}
+PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0, "window": 0, "lookup": 0}
+CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64, "window": 1024, "lookup": 8}
 
 
 def device_settings() -> dict[str, int]:
@@ -239,8 +244,9 @@ def default_mode(drafter: Drafter | None) -> str:
 class Drafting:
     """How a round's draft is made, behind one interface, so the round loop has no mode branches.
 
-    ``start(root, cache)`` builds (and starts evaluating) the model work of a draft rooted at the last committed
-    token; ``finish(root, pending)`` turns it into the tree to verify. ``capture`` names the target layers whose
+    ``start(history, cache)`` builds (and starts evaluating) the model work of a draft rooted at the last
+    committed token, ``history[-1]`` (``history``: the prompt and every committed token); ``finish(root, pending)``
+    turns it into the tree to verify. ``capture`` names the target layers whose
     outputs the drafter reads, and ``append_context`` hands it the features of newly committed positions.
     This base class is plain decoding (mode ``ar``): no drafter, the root alone, so a round's verification is
     one ordinary decoding step. Tests subclass it to inject oracle drafters."""
@@ -258,7 +264,7 @@ class Drafting:
     def append_context(self, features: mx.array, cache: list) -> None:
         """``features`` (n, F): the captured target features of n newly committed positions."""
 
-    def start(self, root: int, cache: list, timer=untimed):
+    def start(self, history: Sequence[int], cache: list, timer=untimed):
         return None
 
     def finish(self, root: int, pending, timer=untimed) -> DraftTree:
@@ -296,11 +302,22 @@ class DrafterDrafting(Drafting):
     def append_context(self, features: mx.array, cache: list) -> None:
         self.drafter.append_context(features[None], cache)
 
-    def start(self, root: int, cache: list, timer=untimed):
-        return start_draft(self.drafter, self.target, root, cache, self.opts, timer, self.head)
+    def start(self, history: Sequence[int], cache: list, timer=untimed):
+        """The drafter's graph, started, and the context's copy for the tree (empty when off or none)."""
+        root = int(history[-1])
+        arrays = start_draft(self.drafter, self.target, root, cache, self.opts, timer, self.head)
+        o = self.opts
+        copy = continuation(np.asarray(history), o.lookup, o.lookup_match) if o.lookup else np.zeros(0, np.int64)
+        return arrays, copy
 
     def finish(self, root: int, pending, timer=untimed) -> DraftTree:
-        return finish_draft(root, pending, self.opts, timer)
+        """The drafted tree; a copy from the context replaces its lowest-scored nodes (``tree.graft``), and in
+        chain mode the chain's deepest ones, so the budget (the chain's length there) holds."""
+        arrays, copy = pending
+        tree = finish_draft(root, arrays, self.opts, timer)
+        if not len(copy):
+            return tree
+        return graft(tree, copy, len(tree) if self.opts.mode == "chain" else self.opts.tree_size)
 
     def check_budget(self, context: int) -> None:
         o, t = self.opts, self.target
@@ -319,22 +336,29 @@ def make_drafting(
     draft_vocab: int | None = None,
     draft_window: int | None = None,
     draft_sinks: int | None = None,
+    draft_lookup: int | None = None,
+    draft_lookup_match: int | None = None,
 ) -> Drafting:
     """The drafting of ``mode`` (default: ``default_mode(drafter)``) with its settings checked. Settings left at
-    None take ``device_settings()`` (tree size, top-m, head vocabulary, window) or the published values."""
+    None take ``device_settings()`` (tree size, top-m, head vocabulary, window, lookup) or the published values."""
     mode = mode or default_mode(drafter)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab, "window": draft_window}
+    given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab, "window": draft_window,
+             "lookup": draft_lookup}
     settings = device_settings() | {k: v for k, v in given.items() if v is not None}
     opts = DraftOptions(mode, top_k=16 if draft_top_k is None else draft_top_k,
                         temperature=1.0 if draft_temp is None else draft_temp,
-                        sinks=DEFAULT_SINKS if draft_sinks is None else draft_sinks, **settings)
+                        sinks=DEFAULT_SINKS if draft_sinks is None else draft_sinks,
+                        lookup_match=DEFAULT_LOOKUP_MATCH if draft_lookup_match is None else draft_lookup_match,
+                        **settings)
     for name, value in (("tree_size", opts.tree_size), ("draft_top_m", opts.top_m), ("draft_top_k", opts.top_k)):
         integer(name, value, low=1)
     integer("draft_vocab (0: the whole vocabulary)", opts.head_vocab, low=0)
     integer("draft_window (0: the whole context)", opts.window, low=0)
     integer("draft_sinks", opts.sinks, low=0)
+    integer("draft_lookup (0: no copies from the context)", opts.lookup, low=0)
+    integer("draft_lookup_match", opts.lookup_match, low=1)
     finite("draft_temp", opts.temperature, low=0, low_open=True)
     if mode == "ar":
         return Drafting()

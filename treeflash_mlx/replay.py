@@ -53,7 +53,7 @@ def replay(drafting: Drafting, tokens: np.ndarray, prompt_len: int, features: np
     taus, a = [], prompt_len
     while a < end - 1:
         root = int(tokens[a])
-        tree = drafting.finish(root, drafting.start(root, cache))
+        tree = drafting.finish(root, drafting.start(tokens[: a + 1], cache))
         k = accepted_depth(tree, tokens[a + 1 : end])
         taus.append(min(k + 1, end - 1 - a))  # the bonus token past the limit is never committed
         drafting.append_context(_rows(features, a, a + k + 1), cache)

@@ -55,6 +55,12 @@ class GenerationResponse:
     cached_tokens: int = 0
 
 
+class Round(NamedTuple):
+    nodes: int  # nodes verified
+    path: list[int]  # accepted node indices, the root first
+    copied: int  # nodes copied from the context (``DraftTree.copied``)
+
+
 class RoundStats:
     """Opt-in profile of the rounds: seconds per stage and, per round, the tree size and accepted nodes.
 
@@ -64,7 +70,7 @@ class RoundStats:
 
     def __init__(self):
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
-        self.rounds: list[tuple[int, list[int]]] = []  # (nodes verified, accepted node indices)
+        self.rounds: list[Round] = []
         self._last = time.perf_counter()
 
     def start(self) -> None:
@@ -204,12 +210,12 @@ def generate_step(
         if limit is not None:
             new = new[: limit - emitted]
         emitted += len(new)
+        history.extend(c.token for c in new)
         ends = (limit is not None and emitted >= limit) or any(c.token in stop_tokens for c in new)
-        pending = None if ends else drafting.start(root, cache.drafter, timer)
+        pending = None if ends else drafting.start(history, cache.drafter, timer)
         yield new
         if ends:
             return
-        history.extend(c.token for c in new)
 
         round_index += 1
         if stats:
@@ -226,7 +232,7 @@ def generate_step(
         switch = quantize_at(cache.target, switch, kv)
         if stats:
             stats("commit", [c.state for c in cache.target + (cache.drafter or [])])
-            stats.rounds.append((len(tree), path))
+            stats.rounds.append(Round(len(tree), path, tree.copied))
         new = [Committed(int(tree.tokens[n]), logprobs[i], True, round_index) for i, n in enumerate(path[1:])]
         new.append(Committed(bonus, logprobs[-1], False, round_index))
         root = bonus
@@ -256,6 +262,8 @@ def stream_generate(
     draft_vocab: int | None = None,
     draft_window: int | None = None,
     draft_sinks: int | None = None,
+    draft_lookup: int | None = None,
+    draft_lookup_match: int | None = None,
     stats: RoundStats | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from ``prompt`` exactly as the target alone would (in distribution; greedy: token for token).
@@ -265,9 +273,11 @@ def stream_generate(
     ``make_logits_processors``); processors see, for each tree node, the committed tokens and that node's own
     path as history. ``prompt_cache``: see ``make_prompt_cache``. The drafting settings (``mode``,
     ``tree_size``, ``draft_top_m``, ``draft_top_k``, ``draft_temp``, ``draft_vocab``, ``draft_window``,
-    ``draft_sinks``) change the speed, never the output; left at None they take ``drafting.device_settings()``
-    and the published values (``draft_window`` 0: the drafter sees the whole context; N: only the first
-    ``draft_sinks`` positions and the N most recent). ``drafter`` may
+    ``draft_sinks``, ``draft_lookup``, ``draft_lookup_match``) change the speed, never the output; left at None
+    they take ``drafting.device_settings()`` and the published values (``draft_window`` 0: the drafter sees the
+    whole context; N: only the first ``draft_sinks`` positions and the N most recent; ``draft_lookup`` N: up to N
+    tokens that followed an earlier occurrence of the last ``draft_lookup_match`` or more tokens join the tree,
+    0: none). ``drafter`` may
     also be a ready ``drafting.Drafting`` object, which carries its own settings. ``stats`` collects a
     per-stage profile (at the cost of a sync per stage). ``stop_strings``: one string or several; the text
     ends before the first one found. A seed (``mx.random.seed``) pins the sampled output whatever the mode and
@@ -277,7 +287,8 @@ def stream_generate(
     ``generate_step``).
     """
     settings = dict(tree_size=tree_size, draft_top_m=draft_top_m, draft_top_k=draft_top_k, draft_temp=draft_temp,
-                    draft_vocab=draft_vocab, draft_window=draft_window, draft_sinks=draft_sinks)
+                    draft_vocab=draft_vocab, draft_window=draft_window, draft_sinks=draft_sinks,
+                    draft_lookup=draft_lookup, draft_lookup_match=draft_lookup_match)
     if isinstance(drafter, Drafting):
         given = [name for name, value in settings.items() if value is not None] + (["mode"] if mode else [])
         if given:

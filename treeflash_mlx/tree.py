@@ -22,6 +22,7 @@ class DraftTree:
     tokens: np.ndarray
     parents: np.ndarray
     depths: np.ndarray
+    copied: int = 0  # the last nodes, added by a copy from the context (``graft``)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -50,6 +51,10 @@ class DraftTree:
         renumber[keep] = np.arange(len(keep))
         parents = np.where(self.parents[keep] >= 0, renumber[self.parents[keep]], -1)
         return DraftTree(self.tokens[keep], parents, self.depths[keep])
+
+    def first(self, n: int) -> "DraftTree":
+        """The first ``n`` nodes (parents precede children, so a tree; best-first trees: the n best)."""
+        return self if n >= len(self) else DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n])
 
     def path(self, node: int) -> list[int]:
         """Node indices from the root's first child down to ``node`` (empty for the root)."""
@@ -102,3 +107,34 @@ def best_first(
             if np.isfinite(score):
                 heapq.heappush(heap, (-score, ranks + (0,), node, depth + 1, child_row, 0))
     return DraftTree(np.array(out_tokens, dtype=np.int64), np.array(parents), np.array(depths))
+
+
+def _walk(tree: DraftTree, tokens: np.ndarray) -> tuple[int, int]:
+    """(node, depth): how far ``tokens`` can be followed down from the root along existing nodes."""
+    node = 0
+    for depth, token in enumerate(tokens):
+        child = np.flatnonzero((tree.parents == node) & (tree.tokens == token))
+        if not len(child):
+            return node, depth
+        node = int(child[0])
+    return node, len(tokens)
+
+
+def graft(tree: DraftTree, tokens: np.ndarray, tree_size: int) -> DraftTree:
+    """``tree`` with the path ``tokens`` below its root, ``tree_size`` nodes at most.
+
+    The path shares the nodes it already follows; its new nodes replace the tree's last ones (a best-first
+    tree's lowest scored). With L = len(tokens): cut to n nodes, the tree follows the path m(n) deep, m growing
+    with n. From n = tree_size - L, keeping n' = tree_size - (L - m(n)) ≥ n nodes instead still fits, since
+    n' + L - m(n') ≤ n' + L - m(n) = tree_size; repeated until n stops growing (at most L times)."""
+    tokens = np.asarray(tokens, dtype=np.int64)[: max(tree_size - 1, 0)]
+    if not len(tokens):
+        return tree.first(tree_size)
+    n, (node, matched) = tree_size - len(tokens), _walk(tree.first(tree_size - len(tokens)), tokens)
+    while (grown := min(len(tree), tree_size - (len(tokens) - matched))) > n:
+        n, (node, matched) = grown, _walk(tree.first(grown), tokens)
+    tree = tree.first(n)
+    new = len(tokens) - matched
+    parents = np.concatenate([tree.parents, [node], len(tree) + np.arange(new - 1)]) if new else tree.parents
+    depths = np.concatenate([tree.depths, tree.depths[node] + 1 + np.arange(new)])
+    return DraftTree(np.concatenate([tree.tokens, tokens[matched:]]), parents, depths, new)
