@@ -97,7 +97,7 @@ def test_copies_from_the_context_can_be_left_out_beside_the_defaults(models, tmp
     assert list(rows) == ["ar", "treeflash", "treeflash@nolookup", "chain@nolookup"]
     assert rows["treeflash@nolookup"]["tree_size"] == rows["treeflash"]["tree_size"] == 16
     assert all(r["lossless"] for r in rows.values())
-    assert "copies from the context up to 8 tokens after 3+ matched" in table
+    assert "copies from the context up to 15 tokens after 2+ matched" in table
     assert rows["treeflash@nolookup"]["copied_rounds"] == 0 < rows["treeflash"]["rounds_counted"]
     assert rows["treeflash"]["copied_rounds"] <= rows["treeflash"]["rounds_counted"]
 

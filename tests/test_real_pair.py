@@ -56,7 +56,7 @@ def pair(tmp_path_factory):
 
 
 SETTINGS = {"treeflash": {}, "marginal": {}, "chain": {},
-            "treeflash-published": {"tree_size": 64, "draft_top_m": 16, "draft_vocab": 0}}
+            "treeflash-published": {"tree_size": 64, "draft_top_m": 16, "draft_vocab": 0, "draft_lookup": 0}}
 # Mean tokens per round on these prompts, under what the shipped drafter reaches on them (an untrained drafter
 # gets ~1.0 everywhere). Measured: treeflash 1.66, marginal 1.53, chain 1.30, treeflash-published 2.05.
 MIN_TAU = {"treeflash": 1.45, "marginal": 1.35, "chain": 1.15, "treeflash-published": 1.8}

@@ -107,9 +107,9 @@ def add_drafting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-sinks", type=int, default=None, help="context positions always kept with --draft-window")
     p.add_argument("--draft-lookup", type=int, default=None,
                    help="up to N tokens that followed an earlier occurrence of the last tokens join the tree "
-                        "(prompt lookup; 0: off; default: 0 on a GPU, as published, 8 on the CPU; output unchanged)")
+                        "(prompt lookup; 0: off; default: 0 on a GPU, as published, 15 on the CPU; output unchanged)")
     p.add_argument("--draft-lookup-match", type=int, default=None,
-                   help="the fewest last tokens such an earlier occurrence must repeat (3)")
+                   help="the fewest last tokens such an earlier occurrence must repeat (2)")
 
 
 def drafting_settings(args: argparse.Namespace) -> dict:

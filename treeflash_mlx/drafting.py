@@ -24,7 +24,7 @@ MODES = ("treeflash", "marginal", "chain", "ar")
 
 
 DEFAULT_SINKS = 64  # context positions a drafter window always keeps (the first ones: attention sinks)
-DEFAULT_LOOKUP_MATCH = 3  # last tokens a context copy must repeat (fewer: more copies, more of them wrong)
+DEFAULT_LOOKUP_MATCH = 2  # last tokens a context copy must repeat (fewer: more copies, more of them wrong)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DraftOptions:
 
 
 PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0, "window": 0, "lookup": 0}
-CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64, "window": 1024, "lookup": 8}
+CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64, "window": 1024, "lookup": 15}
 
 
 def device_settings() -> dict[str, int]:
