@@ -55,11 +55,12 @@ def pair(tmp_path_factory):
     return model, tokenizer, drafter, prompts, [mlx_lm_greedy(model, p, N_TOKENS) for p in prompts]
 
 
-SETTINGS = {"treeflash": {}, "marginal": {}, "chain": {},
+SETTINGS = {"treeflash": {}, "marginal": {}, "chain": {}, "treeflash-nolookup": {"draft_lookup": 0},
             "treeflash-published": {"tree_size": 64, "draft_top_m": 16, "draft_vocab": 0, "draft_lookup": 0}}
 # Mean tokens per round on these prompts, under what the shipped drafter reaches on them (an untrained drafter
-# gets ~1.0 everywhere). Measured: treeflash 1.66, marginal 1.53, chain 1.30, treeflash-published 2.05.
-MIN_TAU = {"treeflash": 1.45, "marginal": 1.35, "chain": 1.15, "treeflash-published": 1.8}
+# gets ~1.0 without copies from the context). Measured with the CPU defaults (copies on): treeflash 3.00,
+# marginal 3.00, chain 2.52; without copies: treeflash 1.66, treeflash-published 2.05.
+MIN_TAU = {"treeflash": 2.6, "marginal": 2.6, "chain": 2.2, "treeflash-nolookup": 1.45, "treeflash-published": 1.8}
 
 
 @pytest.mark.parametrize("case", SETTINGS)
