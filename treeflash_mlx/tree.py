@@ -1,4 +1,5 @@
-"""Draft trees from transition tables (docs/algorithm.md, "Tree"): plain numpy in, plain numpy out.
+"""Draft trees from transition tables (docs/algorithm.md, "Tree"), and a copied path grafted into one ("Copying
+from the context"): plain numpy in, plain numpy out.
 
 Tables, for depths d = 1..B-1 (index d-1) and candidate rows r:
   ``tokens[d-1, r, c]``   the c-th most likely token at depth d when the depth-(d-1) token is candidate r,
