@@ -46,8 +46,13 @@ def test_every_mode_is_reported_and_lossless(models, tmp_path, capsys):
     assert table.count("| yes |") == 5 and "verify cost / one mlx-lm step" in table
 
 
-def test_tree_size_auto_reports_its_choice_against_fixed_sizes(models, tmp_path, capsys):
+def test_tree_size_auto_reports_its_choice_against_fixed_sizes(models, tmp_path, capsys, monkeypatch):
+    calls, real = [], benchmark.run_ours
+    monkeypatch.setattr(benchmark, "run_ours", lambda *a, **k: calls.append((a[7], a[8])) or real(*a, **k))
     table, report = bench(capsys, models, tmp_path, "--modes", "treeflash", "--tree-size", "auto")
+    # The choice comes from 64-node rounds cut to each budget: drafted without copies, which a cut would lose.
+    assert {(s["tree_size"], s["draft_lookup"]) for s, profile in calls if profile} >= {(64, 0)}
+    assert {s["draft_lookup"] for s, profile in calls if not profile} == {15}
     choice = report["tree_size_auto"]
     assert choice["tree_size"] in (4, 8, 12, 16, 24, 32, 48, 64)
     assert [r["mode"] for r in report["results"]] == ["ar", "treeflash", "treeflash@16", "treeflash@32", "treeflash@64"]

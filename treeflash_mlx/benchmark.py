@@ -327,7 +327,7 @@ def auto_tree_size(runs: list[dict], costs: dict[str, float], draft_seconds: flo
     target sample does not depend on the other nodes; so τ(n) follows from the accepted paths of budget-64
     rounds: the accepted path cut at its first node with index >= n. Exact while budget n keeps every head
     row; small budgets compute fewer (``drafting.head_rows``), which can change their trees, so for them the
-    prediction leans optimistic."""
+    prediction leans optimistic. The rounds are drafted without copies from the context (see ``compare``)."""
     paths = [p for r in runs for p in r["paths"]]
     table = {}
     for n in AUTO_CANDIDATES:
@@ -608,7 +608,9 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
             profile = []
             for p in [prompts[0], *spread]:
                 prefill(p)
-                profile.append(once(profile_mode, p, 64, profile=True))
+                # Without copies: a copy is grafted at the end of a tree, so cutting a 64-node tree to n nodes
+                # cannot tell what it would add to an n-node tree; the choice is the drafter's alone.
+                profile.append(once(f"{profile_mode}@nolookup", p, 64, profile=True))
             draft_s = np.mean([sum(v for k, v in r["stages"].items() if k != "verify") / max(1, len(r["taus"]))
                                for r in profile])
             best, table = auto_tree_size(profile, costs, draft_s)
