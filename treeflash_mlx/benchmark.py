@@ -32,7 +32,8 @@ from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from ._cli import run_cli
-from .drafting import DEFAULT_LOOKUP_MATCH, DEFAULT_SINKS, PUBLISHED_SETTINGS, DrafterDrafting, device_settings, make_drafting
+from .drafting import (DEFAULT_LOOKUP_MATCH, DEFAULT_SINKS, PUBLISHED_SETTINGS, DrafterDrafting, device_settings,
+                       make_drafting)
 from .checkpoints import load_drafter
 from .loading import load, read_jsonl_prompts
 from .prompt_cache import PromptCache, make_prompt_cache
@@ -364,7 +365,7 @@ def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[d
             "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs],
             "peak_memory_gb": max(r["peak_memory"] for r in runs) / 1e9,
             "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6,
-            **copies(profiles if profiles and "copied_rounds" in profiles[0] else runs)}
+            **copies(profiles or runs)}
 
 
 def copies(runs: list[dict]) -> dict:
@@ -473,6 +474,7 @@ def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> None:
     args.draft_vocab = settings["head_vocab"] if args.draft_vocab is None else args.draft_vocab
     args.draft_window = settings["window"] if args.draft_window is None else args.draft_window
     args.draft_lookup = settings["lookup"] if args.draft_lookup is None else args.draft_lookup
+    args.draft_lookup_match = DEFAULT_LOOKUP_MATCH if args.draft_lookup_match is None else args.draft_lookup_match
     if args.tree_size != "auto" and not (args.tree_size.isdigit() and int(args.tree_size) >= 1):
         raise ValueError(f"--tree-size must be a positive integer or 'auto', got {args.tree_size!r}")
     if args.model is None:
@@ -652,10 +654,9 @@ def print_group(measured: dict, args: argparse.Namespace) -> None:
                                                                  "tree_sizes"))
     print(markdown(results))
     if tree_sizes:
-        match = DEFAULT_LOOKUP_MATCH if args.draft_lookup_match is None else args.draft_lookup_match
+        lookup = f"up to {args.draft_lookup} tokens after {args.draft_lookup_match}+ matched" if args.draft_lookup else "off"
         print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, copies from the "
-              f"context {f'up to {args.draft_lookup} tokens after {match}+ matched' if args.draft_lookup else 'off'}"
-              ", tree budget "
+              f"context {lookup}, tree budget "
               + ", ".join(f"{m} {n}" for m, n in tree_sizes.items())
               + (f" (@published: {PUBLISHED_SETTINGS})" if any(m.endswith("@published") for m in tree_sizes) else ""))
     copied = [f"{r['mode']} {r['copied_rounds']} of {r['rounds_counted']}" for r in results if r.get("copied_rounds")]
@@ -728,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-sinks", type=int, default=None, help="as in generate: positions kept with the window")
     p.add_argument("--draft-lookup", type=int, default=None,
                    help="as in generate: tokens copied from the context into the tree (mode@nolookup: none)")
-    p.add_argument("--draft-lookup-match", type=int, default=None, help="as in generate: the copy's fewest matched tokens")
+    p.add_argument("--draft-lookup-match", type=int, default=None,
+                   help="as in generate: the fewest last tokens a copy must match")
     p.add_argument("--profile-prompts", type=int, default=2,
                    help="prompts run once more with a sync after every stage, for the time split (0: none)")
     p.add_argument("--seed", type=int, default=0)
