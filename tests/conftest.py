@@ -60,6 +60,23 @@ def target_config(family: str, vocab: int = 256, hidden: int = 64, layers: int =
     if family == "qwen3_moe":  # every layer sparse: 4 experts, 2 per token
         config.update(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
                       moe_intermediate_size=hidden, norm_topk_prob=True)
+    if family in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):  # Gated DeltaNet layers between gated attention ones
+        config.update(head_dim=hidden // 4, full_attention_interval=2, linear_num_value_heads=4,
+                      linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                      linear_conv_kernel_dim=4, partial_rotary_factor=0.25)
+        if family == "qwen3_next":
+            config.update(num_experts=0, num_experts_per_tok=0, decoder_sparse_step=1, mlp_only_layers=[],
+                          moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden)
+        else:
+            config["rope_parameters"] = {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+    if family in ("qwen3_5_moe", "qwen3_next"):  # sparse MoE blocks with a shared expert
+        config.update(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, moe_intermediate_size=hidden,
+                      shared_expert_intermediate_size=hidden, norm_topk_prob=True)
+    if family == "gpt_oss":  # sinks, YaRN, sliding layers (window 8) alternating with full ones, 4 experts
+        config.update(head_dim=hidden // 4, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                      layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                      rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "original_max_position_embeddings": 128})
     if family == "gemma3_text":  # every other layer local, with a window short prompts already pass
         config.update(head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=8,
                       sliding_window_pattern=2, rope_local_base_freq=10000.0, rope_theta=1_000_000.0)
@@ -83,7 +100,9 @@ def tiny_drafter(
     target: nn.Module, head: bool = True, block_size: int = 8, layers: int = 1, seed: int = 1,
     sub_vocab: list[int] | None = None, **overrides
 ) -> Drafter:
-    args = target.args
+    from treeflash_mlx.target import Target
+
+    args = Target(target).family.args
     n_target = args.num_hidden_layers
     config = DrafterConfig(
         hidden_size=args.hidden_size,

@@ -1,4 +1,5 @@
-"""Tree verification over mlx-lm targets: per-node logits, feature capture, KV compaction (docs/algorithm.md, "Verification", "Commit")."""
+"""Tree verification over mlx-lm targets: per-node logits, feature capture, the commit of the accepted path (K/V
+compaction; a recurrent layer's state taken from the accepted node) (docs/algorithm.md, "Verification", "Commit")."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_target
 
-from treeflash_mlx.target import Target, compact
+from treeflash_mlx.target import Target, cache_offset
 from treeflash_mlx.tree import best_first
 
 
@@ -37,6 +38,10 @@ TARGETS = {
     "llama": lambda: tiny_target("llama"),
     "qwen3-tied": lambda: tiny_target("qwen3", tie=True),
     "qwen3-8bit": lambda: quantized(tiny_target("qwen3")),
+    "qwen3_5": lambda: tiny_target("qwen3_5"),  # Gated DeltaNet layers: each node continues its parent's state
+    "qwen3_5-8bit": lambda: quantized(tiny_target("qwen3_5")),
+    "qwen3_next": lambda: tiny_target("qwen3_next"),
+    "gpt_oss": lambda: tiny_target("gpt_oss"),  # sinks, YaRN, windows of 8 (the tree reaches past them)
 }
 
 
@@ -48,11 +53,9 @@ def test_tree_logits_compaction_and_features(name):
     tree = random_tree(seed=len(name))
     cache = target.make_cache()
     target.forward(mx.array(prompt), cache)
-    start = cache[0].offset
+    start = cache_offset(cache)
     capture = [0, 2]
-    logits, feats = target.forward(
-        mx.array(tree.tokens), cache, capture, positions=start + tree.depths, parents_mask=tree.ancestor_mask()
-    )
+    logits, feats = target.verify(tree, cache, capture)
     # Every node's logits are those of its own path, computed plainly.
     for i in range(len(tree)):
         path = [int(tree.tokens[0])] + [int(tree.tokens[j]) for j in tree.path(i)]
@@ -61,8 +64,8 @@ def test_tree_logits_compaction_and_features(name):
     leaf = int(np.argmax(tree.depths))
     keep = [0] + tree.path(leaf)
     assert keep != list(range(len(keep)))
-    compact(cache, start, keep)
-    assert cache[0].offset == start + len(keep)
+    target.commit(cache, start, keep)
+    assert all(c.offset == start + len(keep) for c in cache)
     committed = prompt + [int(tree.tokens[j]) for j in keep]
     nxt, _ = target.forward(mx.array([7]), cache)
     np.testing.assert_allclose(np.array(nxt[0]), plain_logits(model, committed + [7]), atol=2e-4, rtol=2e-4)
@@ -103,7 +106,7 @@ def test_llama_family_models_of_other_types_are_served():
 
     config = dict(target_config("llama"), model_type="mistral")
     model_class, args_class = _get_classes(config)
-    assert Target(model_class(args_class.from_dict(config))).family == "llama"
+    assert Target(model_class(args_class.from_dict(config))).family_name == "llama"
 
 
 def test_unsupported_family_is_refused():

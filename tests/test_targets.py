@@ -71,8 +71,10 @@ def test_the_cpu_swiglu_runs_where_the_family_has_mlx_lms_swiglu_mlp_and_stays_l
     monkeypatch.setattr(cpu_kernels, "swiglu", lambda *a: calls.append(1) or real(*a))
     target = tiny_target(family, seed=6)
     assert_every_mode_matches_mlx_lm_greedy(target, tokenizer, family)
-    dense = [type(layer.mlp).__name__ == "MLP" for layer in target.model.layers]
-    assert bool(calls) == (family in ("qwen3", "qwen2", "llama") or (family == "qwen3_moe" and any(dense))), family
+    family_of = Target(target).family
+    dense = [type(layer.mlp) is family_of.dense_mlp for layer in family_of.layers]
+    assert bool(calls) == any(dense), family
+    assert any(dense) == (family in ("qwen3", "qwen2", "llama", "qwen3_5")), family  # the tiny MoE configs: none
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -114,22 +116,26 @@ def test_sliding_window_targets_match_mlx_lm_greedy_in_every_mode(tokenizer, fam
             assert out == reference, (family, bits, mode, len(prompt))
 
 
-@pytest.mark.parametrize("family", SLIDING)
+@pytest.mark.parametrize("family", list(SLIDING) + ["gpt_oss"])
 def test_a_tree_deeper_than_the_window_sees_what_mlx_lm_sees(family):
-    """A 20-node path verified as a tree (per-node positions, ancestor mask) and as a causal chunk after a
-    9-token prefix gives mlx-lm's logits, which it computes one token at a time through its rotating caches."""
-    model = tiny_target(family, seed=2, extra=SLIDING[family])
+    """A 20-node path verified as a tree (per-node positions, ancestor mask: one extra leaf off its middle makes
+    it a tree) and as a causal chunk after a 9-token prefix gives mlx-lm's logits, which it computes one token
+    at a time through its rotating caches."""
+    from treeflash_mlx.tree import DraftTree
+
+    model = tiny_target(family, seed=2, extra=SLIDING.get(family))
     tokens = np.random.default_rng(0).integers(0, 255, 30).tolist()
     cache = model.make_cache()
     model(mx.array([tokens[:9]]), cache=cache)
     reference = mx.concatenate([model(mx.array([[t]]), cache=cache)[0] for t in tokens[9:29]])
     target = Target(model)
-    for as_tree in (True, False):
+    path = DraftTree(np.array(tokens[9:29]), np.arange(20) - 1, np.arange(20))
+    branched = DraftTree(np.array(tokens[9:29] + [3]), np.append(np.arange(20) - 1, 9), np.append(np.arange(20), 10))
+    for tree in (branched, path):
         ours = target.make_cache()
         target.forward(mx.array(tokens[:9]), ours)
-        tree = dict(positions=np.arange(9, 29), parents_mask=np.tril(np.ones((20, 20), dtype=bool)))
-        logits, _ = target.forward(mx.array(tokens[9:29]), ours, **(tree if as_tree else {}))
-        assert np.allclose(np.array(logits), np.array(reference), atol=1e-4), (family, as_tree)
+        logits, _ = target.verify(tree, ours)
+        assert np.allclose(np.array(logits[:20]), np.array(reference), atol=1e-4), (family, len(tree))
 
 
 def test_a_sliding_window_target_reuses_its_prompt_cache_losslessly(tokenizer):
@@ -150,7 +156,7 @@ def test_sliding_windows_without_a_size_or_in_other_families_are_refused_in_one_
     target = tiny_target("qwen3")
     target.model.layers[1].use_sliding = True  # what a future mlx-lm could give a family we run without windows
     with pytest.raises(ValueError, match="qwen3 targets with sliding-window attention layers are not supported; "
-                                         "sliding windows run in the llama and gemma3_text families"):
+                                         "sliding windows run in the llama, gemma3_text and gpt_oss families"):
         Target(target)
 
 

@@ -506,8 +506,8 @@ def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> None:
     if args.tree_size != "auto":  # refused before the verification costs build trees of that size
         for m in (m for m in modes if m in TREE_MODES):
             check_tree_budget(int(args.tree_size), m, drafter.args.block_size, args.draft_top_m, 16,
-                              max(len(p) for p in prompts) + args.max_tokens, model.args.vocab_size,
-                              model.args.num_attention_heads, hidden_size=model.args.hidden_size,
+                              max(len(p) for p in prompts) + args.max_tokens, Target(model).vocab_size,
+                              Target(model).family.args.num_attention_heads, hidden_size=Target(model).hidden_size,
                               head_vocab=args.draft_vocab)
     sampler = make_sampler(args.temp)
     if args.prompts != "long":
@@ -576,7 +576,7 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
 
     B = drafter.args.block_size if drafter is not None else 16
     rng = np.random.default_rng(0)
-    vocab = model.args.vocab_size
+    vocab = Target(model).vocab_size
     sizes = set()  # the verification costs this run's modes need (tree modes: the whole curve, for the plot)
     if any(base_mode(m) in TREE_MODES for m in modes):
         sizes = set(AUTO_CANDIDATES) | ({int(args.tree_size)} if args.tree_size != "auto" else set())

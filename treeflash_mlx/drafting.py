@@ -86,7 +86,7 @@ def make_head(drafter: Drafter, target: Target) -> DraftHead:
     if "sub_vocab" not in drafter:
         return DraftHead(target, target.lm_head_weight())
     ids = drafter.sub_vocab
-    head = target.model.lm_head if "lm_head" in target.model else target.embed_tokens
+    head = target.head_module()
     if "scales" in head:
         biases = head["biases"][ids] if "biases" in head else None
         weight = mx.dequantize(head.weight[ids], head.scales[ids], biases, group_size=head.group_size,
@@ -322,7 +322,7 @@ class DrafterDrafting(Drafting):
     def check_budget(self, context: int) -> None:
         o, t = self.opts, self.target
         check_tree_budget(o.tree_size, o.mode, self.drafter.args.block_size, o.top_m, o.top_k, context, t.vocab_size,
-                          t.model.args.num_attention_heads, hidden_size=t.hidden_size, head_vocab=o.head_vocab)
+                          t.family.args.num_attention_heads, hidden_size=t.hidden_size, head_vocab=o.head_vocab)
 
 
 def make_drafting(

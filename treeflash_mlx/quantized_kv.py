@@ -77,21 +77,22 @@ def check_arguments(args: argparse.Namespace) -> dict:
     return given
 
 
-def head_dim(model) -> int:
-    args = model.args
-    return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+def kv_layers(cache: list) -> list:
+    """The layer caches holding keys and values (a hybrid target's recurrent layers hold a state instead)."""
+    return [c for c in cache if hasattr(c, "keys")]
 
 
 def is_quantized(cache: list) -> bool:
-    return bool(cache) and hasattr(cache[0], "bits")
+    return any(hasattr(c, "bits") for c in cache)
 
 
 def check_cache(cache: list, kv: KVQuantization | None) -> None:
     """A prompt cache already quantized continues only with the same bits and group size."""
     if not is_quantized(cache):
         return
-    held = f"kv_bits={cache[0].bits}, kv_group_size={cache[0].group_size}"
-    if kv is None or (kv.bits, kv.group_size) != (cache[0].bits, cache[0].group_size):
+    first = kv_layers(cache)[0]
+    held = f"kv_bits={first.bits}, kv_group_size={first.group_size}"
+    if kv is None or (kv.bits, kv.group_size) != (first.bits, first.group_size):
         given = "no kv_bits" if kv is None else f"kv_bits={kv.bits}, kv_group_size={kv.group_size}"
         raise ValueError(f"this prompt cache holds a quantized K/V cache ({held}) but {given} was given; "
                          f"pass {held} or start a new prompt cache")
@@ -116,8 +117,9 @@ def quantize_at(cache: list, switch: int | None, kv: KVQuantization | None) -> i
     """Convert ``cache`` (in place, every layer) once it holds ``switch`` tokens; returns the switch still ahead."""
     if switch is None or cache[0].offset < switch:
         return switch
-    for i, c in enumerate(cache):
-        cache[i] = c.to_quantized(group_size=kv.group_size, bits=kv.bits)
+    for i, c in enumerate(cache):  # as mlx-lm: the layers that can be quantized (not a recurrent state)
+        if hasattr(c, "to_quantized"):
+            cache[i] = c.to_quantized(group_size=kv.group_size, bits=kv.bits)
     return None
 
 

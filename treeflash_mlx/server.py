@@ -139,7 +139,7 @@ class Engine:
         self.mode = args.mode or default_mode(self.drafter)
         self.settings = dict(mode=self.mode, **drafting_settings(args))
         make_drafting(self.drafter, self.target, **self.settings)  # check the settings now, not per request
-        quantized_kv.kv_quantization(**quantized_kv.check_arguments(args), head_dim=quantized_kv.head_dim(self.model))
+        quantized_kv.kv_quantization(**quantized_kv.check_arguments(args), head_dim=self.target.head_dim)
         self.model_names = {"default_model", args.model or "treeflash-demo", str(model_path),
                             str(self.model.model_path)}
         self.model_id = args.model or "treeflash-demo"

@@ -19,10 +19,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .drafter import Drafter
 from .drafting import Drafting, make_drafting, untimed
 from .prompt_cache import PromptCache, make_prompt_cache
-from .quantized_kv import (DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, before_switch, check_cache, head_dim,
+from .quantized_kv import (DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, before_switch, check_cache,
                            kv_quantization, prefill_chunks, quantize_at, switch_offset)
 from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits, sample_and_accept
-from .target import Target, compact
+from .target import Target, cache_offset
 from .tree import root_only
 from .validation import integer, stop_strings as _stop_strings, token_ids
 
@@ -175,7 +175,7 @@ def generate_step(
     integer("prefill_step_size", prefill_step_size, low=1)
     if kv_bits is not None and any(target.windows):  # mlx-lm's rotating caches cannot be quantized either
         raise ValueError("kv_bits is not supported for targets with sliding-window layers; leave the K/V cache float")
-    kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, head_dim(model))
+    kv = kv_quantization(kv_bits, kv_group_size, quantized_kv_start, target.head_dim)
     progress = prompt_progress_callback or (lambda *_: None)
     prompt = token_ids(prompt, target.vocab_size)
     limit = token_limit(target, len(prompt), max_tokens)
@@ -199,6 +199,7 @@ def generate_step(
         cache.tokens.extend(chunk)
         switch = quantize_at(cache.target, switch, kv)
         progress(b - cached, len(prompt) - cached)
+    cache.checkpoint()  # a hybrid target's recurrent states after the prompt: the next turn may resume here
     first = root_only(prompt[-1])
     keys = PositionKeys()  # one sampling seed per generated position: a seed pins the output, whatever the tree
     _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, processors), first, sampler, keys)
@@ -213,19 +214,24 @@ def generate_step(
         history.extend(c.token for c in new)
         ends = (limit is not None and emitted >= limit) or any(c.token in stop_tokens for c in new)
         pending = None if ends else drafting.start(history, cache.drafter, timer)
-        yield new
+        try:
+            yield new
+        except GeneratorExit:  # the caller stopped here (a stop string, a closed stream): a turn boundary
+            cache.checkpoint()
+            raise
         if ends:
+            cache.checkpoint()
             return
 
         round_index += 1
         if stats:
             stats.start()  # the time the caller spent belongs to no stage
-        start = cache.target[0].offset  # the root's position: the cache holds everything before it
+        start = cache_offset(cache.target)  # the root's position: the cache holds everything before it
         tree = before_switch(drafting.finish(root, pending, timer), start, switch)
         logits, feats = target.verify(tree, cache.target, drafting.capture)
         path, bonus, logprobs = sample_and_accept(node_logits(logits, tree, history, processors), tree, sampler, keys)
         timer("verify")
-        compact(cache.target, start, path)
+        target.commit(cache.target, start, path)
         if drafting.capture:
             drafting.append_context(feats[mx.array(path)], cache.drafter)
         cache.tokens.extend(int(tree.tokens[n]) for n in path)
@@ -384,7 +390,8 @@ def summary(last: GenerationResponse, taus: list[int], cache: PromptCache | None
         lines.append(f"Acceptance: {sum(taus) / len(taus):.2f} tokens per target pass over {len(taus)} rounds")
     lines.append(f"Peak memory: {last.peak_memory:.3f} GB")
     if cache is not None:
-        quantized = f" ({cache.target[0].bits}-bit)" if hasattr(cache.target[0], "bits") else ""
+        bits = [c.bits for c in cache.target if hasattr(c, "bits")]
+        quantized = f" ({bits[0]}-bit)" if bits else ""
         lines.append(f"KV cache: target {cache.target_nbytes / 1e9:.3f} GB{quantized}, "
                      f"drafter {cache.drafter_nbytes / 1e9:.3f} GB")
     return "\n".join(lines)

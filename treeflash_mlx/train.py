@@ -130,7 +130,7 @@ def answer_with_features(model: nn.Module, prompts: list[list[int]], gen_tokens:
             h = layer(h, mask, c)
             if i in keep:
                 feats.append(h)
-        logits = target.lm_head(target.model.model.norm(h[:, -1])).astype(mx.float32)
+        logits = target.lm_head(target.norm(h[:, -1])).astype(mx.float32)
         # The top-k logits, not log-probabilities: training normalises them over the tokens it scores, and
         # the exp over the whole vocabulary for every answered token would cost a fifth of the answering.
         ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
@@ -376,7 +376,7 @@ def losses(drafter, target: Target, rows: mx.array, column: mx.array, seqs, leng
 
 def new_drafter(target: Target, args: argparse.Namespace, layer_ids: list[int] | None, mask_token_id: int,
                 sub_vocab: np.ndarray | None) -> Drafter:
-    t = target.model.args
+    t = target.family.args  # the text model's config (Qwen3.5 wraps it in a multimodal one)
     config = DrafterConfig(
         hidden_size=t.hidden_size, num_hidden_layers=args.layers, num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads, intermediate_size=args.intermediate_size or t.intermediate_size,

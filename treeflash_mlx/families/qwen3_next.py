@@ -1,0 +1,52 @@
+"""Qwen3-Next: Gated DeltaNet (linear attention) layers, three in every four, between gated full-attention
+layers with partial rotary embeddings; sparse MoE (with a shared expert) or dense MLPs.
+
+A full-attention layer: q_proj gives queries and an output gate per head; q and k are RMS-normed per head; RoPE
+turns only the first ``partial_rotary_factor`` of each head; the output is o_proj(attention · sigmoid(gate)).
+A linear layer keeps a recurrent state instead of keys and values (``gated_delta``): in prefill it runs as
+mlx-lm runs it, over a tree every node continues its parent's state.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models import qwen3_next
+
+from . import gated_delta
+from .common import Family, attend, recurrent_cache, rotate
+from mlx_lm.models.cache import KVCache
+
+
+class Qwen3Next(Family):
+    name = "qwen3_next"
+    dense_mlp = qwen3_next.Qwen3NextMLP
+
+    def make_cache(self):
+        return [recurrent_cache() if layer.is_linear else KVCache() for layer in self.layers]
+
+    def block(self, layer, h, lp):
+        x = layer.input_layernorm(h)
+        h = h + (self.linear(layer.linear_attn, x, lp) if layer.is_linear else self.attention(layer.self_attn, x, lp))
+        return h + self.mlp(layer.mlp, layer.post_attention_layernorm(h), lp)
+
+    def attention(self, attn, x, lp):
+        B, L, _ = x.shape
+        q, gate = mx.split(attn.q_proj(x).reshape(B, L, attn.num_attention_heads, -1), 2, axis=-1)
+        k = attn.k_proj(x).reshape(B, L, attn.num_key_value_heads, -1)
+        v = attn.v_proj(x).reshape(B, L, attn.num_key_value_heads, -1).transpose(0, 2, 1, 3)
+        q, k = rotate(attn.rope, attn.q_norm(q), lp), rotate(attn.rope, attn.k_norm(k), lp)
+        out = attend(q, k, v, lp, attn.scale)
+        return attn.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
+
+    def linear(self, la, x, lp):
+        if lp.tree is None:  # prefill: every token is committed, as mlx-lm runs the layer
+            return la(x, None, lp.cache)
+        return gated_delta.gated_delta_tree(la, *self.projections(la, x), lp.cache, lp)
+
+    @staticmethod
+    def projections(la, x):
+        """(qkv (1, n, conv_dim), z (1, n, Hv, Dv), b, a (1, n, Hv)) as the layer's convolution and gates read them."""
+        B, S, _ = x.shape
+        q, k, v, z, b, a = la.fix_query_key_value_ordering(la.in_proj_qkvz(x), la.in_proj_ba(x))
+        qkv = mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1)
+        return qkv, z, b, a
