@@ -68,10 +68,17 @@ def threshold(df):
     return df + 4 * np.sqrt(2 * df)  # about a 1e-4 false-alarm rate
 
 
+@pytest.fixture(scope="module")
+def hybrid_pair():
+    """A Gated DeltaNet layer then a gated attention one: every tree node's state is its own path's."""
+    target = tiny_target("qwen3_5", vocab=VOCAB, hidden=32, layers=2, seed=7)
+    return target, tiny_drafter(target, block_size=4, seed=8)
+
+
 @pytest.mark.slow  # ~4 minutes each: 20,000 generations
-@pytest.mark.parametrize("temp,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_first_three_tokens_follow_the_target_distribution(pair, tokenizer, temp, top_p):
-    target, drafter = pair
+@pytest.mark.parametrize("family,temp,top_p", [("qwen3", 1.0, 1.0), ("qwen3", 0.7, 0.9), ("qwen3_5", 0.7, 0.9)])
+def test_first_three_tokens_follow_the_target_distribution(request, tokenizer, family, temp, top_p):
+    target, drafter = request.getfixturevalue("pair" if family == "qwen3" else "hybrid_pair")
     probs = exact_joint(target, temp, top_p)
     counts = sample_counts(target, drafter, tokenizer, temp, top_p, N_SAMPLES, seed=0)
     stat, df = chi_square(counts, probs)

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
@@ -55,6 +56,10 @@ class DrafterConfig:
     ar_approximation: str | None = None
     candidate_tokens: int = 16
     sub_vocab_size: int | None = None  # ours: the drafter scores only these target tokens (docs/checkpoints.md)
+    # per layer "full_attention" or "sliding_attention" (None: all full); a sliding layer sees the context
+    # positions within ``sliding_window`` of each block query, and the block causally (docs/checkpoints.md)
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self):
         """Every field's type and range, so that a hand-edited or hostile config.json fails here in one line
@@ -101,6 +106,19 @@ class DrafterConfig:
                              f"got {self.sub_vocab_size!r}")
         if self.ar_approximation not in (None, "swiglu"):
             raise ValueError(f"ar_approximation must be 'swiglu' or null, got {self.ar_approximation!r}")
+        if self.layer_types is not None:
+            if (not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != self.num_hidden_layers
+                    or any(t not in ("full_attention", "sliding_attention") for t in self.layer_types)):
+                raise ValueError(f"layer_types must list 'full_attention' or 'sliding_attention' for each of the "
+                                 f"{self.num_hidden_layers} layers, got {self.layer_types!r}")
+            self.layer_types = list(self.layer_types)
+            if "sliding_attention" in self.layer_types:
+                integer("sliding_window (needed by the sliding_attention layers)", self.sliding_window, low=2)
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s attention window (None: it sees the whole context)."""
+        sliding = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "DrafterConfig":
@@ -137,7 +155,7 @@ class DrafterConfig:
             num_target_layers=num_target_layers,
             mask_token_id=mask_token_id,
             head_dim=config.get("head_dim"),
-            block_size=config.get("block_size", 16),
+            block_size=dflash.get("block_size", config.get("block_size", 16)),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=_first_given(config.get("rope_theta"), rope.get("rope_theta"), 1_000_000.0),
             rope_scaling=rope_scaling,
@@ -147,6 +165,8 @@ class DrafterConfig:
             ar_approximation=treeflash.get("ar_approximation", config.get("ar_approximation")),
             candidate_tokens=treeflash.get("candidate_tokens", config.get("candidate_tokens", 16)),
             sub_vocab_size=treeflash.get("sub_vocab_size", config.get("sub_vocab_size")),
+            layer_types=config.get("layer_types"),
+            sliding_window=config.get("sliding_window"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +194,7 @@ class DrafterConfig:
                 "candidate_tokens": self.candidate_tokens,
                 **({"sub_vocab_size": self.sub_vocab_size} if self.sub_vocab_size else {}),
             },
+            **({"layer_types": self.layer_types, "sliding_window": self.sliding_window} if self.layer_types else {}),
         }
 
 
@@ -262,11 +283,23 @@ def context_window(cache) -> tuple[int, int]:
     return (cache.window, cache.sinks) if isinstance(cache, ContextWindow) else (0, 0)
 
 
-class Attention(nn.Module):
-    """Block queries attend, without a causal mask, to the cached context K/V and to the block's own K/V."""
+def held_positions(cache) -> np.ndarray:
+    """The positions of the context entries a drafter layer's cache holds, increasing."""
+    if isinstance(cache, ContextWindow):
+        sinks = min(cache.sinks, cache.offset)
+        return np.concatenate([np.arange(sinks), np.arange(cache.offset - (cache.held - sinks), cache.offset)])
+    return np.arange(cache.offset)
 
-    def __init__(self, args: DrafterConfig):
+
+class Attention(nn.Module):
+    """Block queries attend, without a causal mask, to the cached context K/V and to the block's own K/V.
+
+    A sliding layer (``window``) instead lets the query at position p see the context positions j with
+    p - j < window, and the block causally (the published sliding DFlash layers' rule)."""
+
+    def __init__(self, args: DrafterConfig, window: int | None = None):
         super().__init__()
+        self.window = window
         dim, hd = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.scale = hd**-0.5
@@ -301,9 +334,16 @@ class Attention(nn.Module):
         q = self.rope(q, offset=start)
         k, v = self._keys_values(x, start)
         ctx_k, ctx_v = cache.keys_and_values()
+        mask = None
+        if self.window is not None:
+            pos = held_positions(cache)
+            first = int(np.searchsorted(pos, start - self.window, side="right"))  # out of every query's window
+            ctx_k, ctx_v, pos = ctx_k[..., first:, :], ctx_v[..., first:, :], pos[first:]
+            query = start + np.arange(L)[:, None]  # (L, held + L): context within the window, block causal
+            mask = mx.array(np.concatenate([query - pos[None] < self.window, np.tri(L, dtype=bool)], axis=1))
         k = mx.concatenate([ctx_k, k], axis=2)
         v = mx.concatenate([ctx_v, v], axis=2)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -319,9 +359,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: DrafterConfig):
+    def __init__(self, args: DrafterConfig, window: int | None = None):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, window)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -334,7 +374,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, args: DrafterConfig):
         super().__init__()
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [DecoderLayer(args, args.window(i)) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.fc = nn.Linear(len(args.target_layer_ids) * args.hidden_size, args.hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
