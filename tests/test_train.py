@@ -145,16 +145,19 @@ def test_other_drafter_settings_reuse_the_answers_in_a_run_of_their_own(setup, t
     assert json.loads((work / "runs" / runs[1] / "state.json").read_text())["step"] == 3
 
 
-def test_answers_are_the_targets_greedy_words_and_features_its_layers_outputs(setup):
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "qwen3_5", "gpt_oss"])
+def test_answers_are_the_targets_greedy_words_and_features_its_layers_outputs(family):
     """Batched, left-padded answering gives each prompt what the target alone gives it: mlx-lm's greedy
-    tokens (up to and including a stop token) and, at every position, the outputs of the chosen layers."""
+    tokens (up to and including a stop token) and, at every position, the outputs of the chosen layers -- with
+    sliding windows (Gemma 3's, gpt-oss's 8-token ones here), Gemma's embedding scale and recurrent layers
+    (Qwen3.5's, their state frozen over the padding) as the target runs them."""
     import mlx.core as mx
     from conftest import mlx_lm_greedy
 
     from treeflash_mlx.target import Target
     from treeflash_mlx.train import answer_with_features
 
-    model = tiny_target("qwen3", seed=9)
+    model = tiny_target(family, seed=9)
     prompts = [[5, 9, 200, 31, 7], [44, 3], [17, 17, 90, 2, 8, 120, 64, 11]]
     ids = [0, 2]
     expected = [mlx_lm_greedy(model, p, 12) for p in prompts]

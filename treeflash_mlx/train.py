@@ -51,6 +51,7 @@ from .drafter import Drafter, DrafterConfig
 from .loading import load, read_jsonl_prompts
 from .drafting import make_drafting
 from .replay import replay
+from .families import is_recurrent
 from .target import Target
 
 DEPTH_DECAY = 7.0
@@ -110,23 +111,33 @@ def answer_with_features(model: nn.Module, prompts: list[list[int]], gen_tokens:
 
     Prompts are left-padded into one batch (mlx-lm's ``BatchKVCache`` masks the padding). Each answer stops
     after a token of ``stop_ids`` (kept) or at ``gen_tokens``. Features are stored in ``dtype``."""
-    from mlx_lm.models.base import create_attention_mask
-    from mlx_lm.models.cache import BatchKVCache
+    from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+    from mlx_lm.models.cache import ArraysCache, BatchKVCache
 
     target = Target(model)
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     pads = [width - n for n in lengths]
     x = mx.array([[pad_id] * pad + p for pad, p in zip(pads, prompts)])
-    cache = [BatchKVCache(pads) for _ in target.layers]
+    # mlx-lm's batch caches: K/V with the padding masked (a sliding layer keeps them all; its mask cuts the
+    # window, the set of keys mlx-lm's rotating cache would hold), recurrent states frozen over the padding
+    cache = [ArraysCache(2, left_padding=pads) if is_recurrent(c) else BatchKVCache(pads)
+             for c in target.make_cache()]
     keep = set(layer_ids)
     k = max(1, min(top_k, target.vocab_size))
 
+    def masks(h: mx.array) -> list:
+        made = {}
+        for c, w in zip(cache, target.windows):
+            key = "ssm" if is_recurrent(c) else w
+            if key not in made:
+                made[key] = create_ssm_mask(h, c) if key == "ssm" else create_attention_mask(h, c, window_size=w)
+        return [made["ssm" if is_recurrent(c) else w] for c, w in zip(cache, target.windows)]
+
     def forward(tokens: mx.array) -> tuple[mx.array, ...]:
-        h = target.embed_tokens(tokens)
-        mask = create_attention_mask(h, cache[0])
+        h = target.embed(tokens)  # Gemma's embedding scale too
         feats = []
-        for i, (layer, c) in enumerate(zip(target.layers, cache)):
+        for i, (layer, c, mask) in enumerate(zip(target.layers, cache, masks(h))):
             h = layer(h, mask, c)
             if i in keep:
                 feats.append(h)
