@@ -45,10 +45,14 @@ def assert_same_states(ours: list, plain: list, label) -> None:
                                        rtol=2e-4, err_msg=f"{label}: layer {i} keys")
 
 
-@pytest.mark.parametrize("family", HYBRIDS)
-def test_after_every_round_the_committed_states_are_plain_decodings(family, tokenizer):
+@pytest.mark.parametrize("family,commit_by", [(f, "stored") for f in HYBRIDS] + [("qwen3_5", "replay")])
+def test_after_every_round_the_committed_states_are_plain_decodings(family, commit_by, tokenizer, monkeypatch):
     """An oracle drafts the true continuation with decoy branches ahead of it (accepted paths skip nodes) and
-    sometimes a wrong token; after each round every layer's state equals plain decoding's of the same tokens."""
+    sometimes a wrong token; after each round every layer's state equals plain decoding's of the same tokens,
+    whether the commit takes the accepted node's kept state or replays its path."""
+    from treeflash_mlx.families.qwen3_next import Qwen3Next
+
+    monkeypatch.setattr(Qwen3Next, "recurrent_commit", commit_by)
     target = tiny_target(family, seed=4)
     drafter = tiny_drafter(target)
     rng = np.random.default_rng(1)

@@ -12,8 +12,11 @@ In a tree the "previous token" of node i is its parent, so (docs/algorithm.md, "
 - node i's state is the update of its parent's state by node i (the root's parent: the committed state).
 
 Nodes are updated a whole depth at a time (the nodes of depth d read the states of depth d−1), so a tree of
-depth D costs D batched updates, whatever its width. The states of every node are kept until the commit takes
-the accepted path's last one and the last K−1 inputs along that path; nothing else of the pass survives.
+depth D costs D batched updates, whatever its width. The commit takes the accepted path's last state and the
+last K−1 inputs along that path; nothing else of the pass survives. Two ways to have that state: keep every
+node's state until the commit (``"stored"``, the default: the commit is a slice), or keep only each node's
+q, k, v, g, β and redo the path's updates from the committed state (``"replay"``: L more small updates per
+layer, no per-node states held). docs/algorithm.md, "Recurrent layers in trees", gives the measured costs.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class TreePlan:
         depths = np.zeros(n, dtype=np.int64)
         for i in range(1, n):
             depths[i] = depths[parents[i]] + 1
-        self.n, self.depths = n, depths
+        self.n, self.depths, self.parents = n, depths, parents
         self.levels = [np.flatnonzero(depths == d) for d in range(int(depths.max()) + 1)]
         slot = np.empty(n, dtype=np.int64)  # each node's index within its depth
         for level in self.levels:
@@ -99,9 +102,14 @@ def tree_recurrence(q, k, v, g, beta, state, plan: TreePlan):
     return y, states
 
 
-def gated_delta_tree(la: nn.Module, qkv: mx.array, z: mx.array, b: mx.array, a: mx.array, cache, lp) -> mx.array:
+COMMITS = ("stored", "replay")
+
+
+def gated_delta_tree(la: nn.Module, qkv: mx.array, z: mx.array, b: mx.array, a: mx.array, cache, lp,
+                     commit_by: str = "stored") -> mx.array:
     """A Gated DeltaNet layer over the tree ``lp.tree`` from its projections (B = 1): qkv (1, n, conv_dim),
-    z (1, n, Hv, Dv), b and a (1, n, Hv). Leaves the per-node states in ``lp.pending``; returns (1, n, hidden)."""
+    z (1, n, Hv, Dv), b and a (1, n, Hv). Leaves in ``lp.pending`` what the commit needs (``commit_by``: the
+    per-node states, or the updates' inputs to replay); returns (1, n, hidden)."""
     plan: TreePlan = lp.tree
     n, K = qkv.shape[1], la.conv_kernel_size
     conv_state = cache[0] if cache[0] is not None else mx.zeros((1, K - 1, la.conv_dim), dtype=qkv.dtype)
@@ -118,15 +126,42 @@ def gated_delta_tree(la: nn.Module, qkv: mx.array, z: mx.array, b: mx.array, a: 
     state = cache[1] if cache[1] is not None else mx.zeros((1, la.num_v_heads, la.head_v_dim, la.head_k_dim),
                                                             dtype=mx.float32)
     y, states = tree_recurrence(q[0], k[0], v, g, beta, state, plan)
+    if commit_by == "replay":
+        states = Replay(q[0], k[0], v, g, beta, state)
     lp.pending[lp.index] = (states, inputs, plan)
     out = la.norm(y[None], z)
     return la.out_proj(out.reshape(1, n, -1))
 
 
+class Replay:
+    """What a ``"replay"`` commit keeps of a tree pass: each node's update inputs and the committed state."""
+
+    def __init__(self, q, k, v, g, beta, state):
+        self.q, self.k, self.v, self.g, self.beta, self.state = q, k, v, g, beta, state
+
+    def state_of(self, plan: TreePlan, node: int) -> mx.array:
+        path = []
+        while node >= 0:
+            path.insert(0, node)
+            node = int(plan.parents[node])
+        idx = mx.array(path)
+        q, k = self.q[idx], self.k[idx]
+        if (r := self.v.shape[1] // q.shape[1]) > 1:
+            q, k = mx.repeat(q, r, axis=1), mx.repeat(k, r, axis=1)
+        state = self.state
+        for i in range(len(path)):  # the path's updates, one token at a time, as plain decoding makes them
+            _, state = delta_step(state, q[i : i + 1], k[i : i + 1], self.v[idx][i : i + 1], self.g[idx][i : i + 1],
+                                  self.beta[idx][i : i + 1])
+        return state
+
+
 def commit(cache, pending, node: int) -> None:
     """Make tree node ``node`` (the accepted path's last) the committed state of a recurrent layer's cache."""
     states, inputs, plan = pending
-    cache[1] = states[int(plan.depths[node])][int(plan.slot[node]) : int(plan.slot[node]) + 1]
+    if isinstance(states, Replay):
+        cache[1] = states.state_of(plan, node)
+    else:
+        cache[1] = states[int(plan.depths[node])][int(plan.slot[node]) : int(plan.slot[node]) + 1]
     cache[0] = inputs[mx.array(plan.conv_rows[node, 1:])][None]  # the last K-1 inputs along its path
 
 

@@ -21,6 +21,8 @@ class Qwen3Next(Family):
     name = "qwen3_next"
     dense_mlp = qwen3_next.Qwen3NextMLP
 
+    recurrent_commit = "stored"  # or "replay" (gated_delta's module docs)
+
     def make_cache(self):
         return [recurrent_cache() if layer.is_linear else KVCache() for layer in self.layers]
 
@@ -41,7 +43,7 @@ class Qwen3Next(Family):
     def linear(self, la, x, lp):
         if lp.tree is None:  # prefill: every token is committed, as mlx-lm runs the layer
             return la(x, None, lp.cache)
-        return gated_delta.gated_delta_tree(la, *self.projections(la, x), lp.cache, lp)
+        return gated_delta.gated_delta_tree(la, *self.projections(la, x), lp.cache, lp, self.recurrent_commit)
 
     @staticmethod
     def projections(la, x):
