@@ -37,6 +37,25 @@ def test_attention_equals_mlxs_fused_attention(heads, kv_heads, queries, keys, m
     np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "tree"])
+def test_attention_with_sinks_equals_mlxs(mask_kind):
+    """gpt-oss's sinks: one more logit per head in the normalisation (large ones take most of the mass)."""
+    rng = np.random.default_rng(7)
+    heads, kv_heads, queries, keys = 8, 2, 6, 20
+    q = mx.array(rng.normal(size=(1, heads, queries, 16)).astype(np.float32) * 2)
+    k = mx.array(rng.normal(size=(1, kv_heads, keys, 16)).astype(np.float32) * 2)
+    v = mx.array(rng.normal(size=(1, kv_heads, keys, 16)).astype(np.float32))
+    sinks = mx.array(rng.normal(size=heads).astype(np.float32) * 4)
+    mask = {"none": None, "causal": "causal"}.get(mask_kind)
+    if mask_kind == "tree":
+        tree = np.tril(rng.random((queries, queries)) < 0.5) | np.eye(queries, dtype=bool)
+        mask = mx.array(np.concatenate([np.ones((queries, keys - queries), bool), tree], axis=1))[None, None]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask, sinks=sinks)
+    got = attention(q, k, v, 0.25, mask, sinks)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6, rtol=1e-5)
+    assert not np.allclose(np.array(attention(q, k, v, 0.25, mask)), np.array(want), atol=1e-3), "sinks matter"
+
+
 def test_a_per_head_mask_is_applied_to_its_own_head():
     rng = np.random.default_rng(3)
     q = mx.array(rng.normal(size=(1, 4, 3, 8)).astype(np.float32))

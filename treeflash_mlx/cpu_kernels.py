@@ -45,10 +45,13 @@ def exp_nonpositive(x: mx.array) -> mx.array:
     return p * mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, sinks: mx.array | None = None) -> mx.array:
     """softmax(q·kᵀ·scale, masked) · v for float32 q (B, Hq, L, D), k and v (B, Hkv, S, D), Hq a multiple of
     Hkv (grouped queries). ``mask``: None (every key), "causal" (the L queries are the last L positions) or a
-    bool array broadcastable to (B, Hq, L, S). Every query must see at least one key."""
+    bool array broadcastable to (B, Hq, L, S). Every query must see at least one key.
+
+    ``sinks`` (Hq,): gpt-oss's attention sinks, one more logit per head that joins the softmax's normalisation
+    and carries no value: weights_j = e^(s_j − m) / (Σ_i e^(s_i − m) + e^(sink − m)), m = max(max_i s_i, sink)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     r = Hq // Hkv
@@ -59,10 +62,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
     if mask is not None:
         mask = _grouped(mask, Hkv, r)
         scores = mx.where(mask, scores, -mx.inf)
-    weights = exp_nonpositive(scores - scores.max(axis=-1, keepdims=True))
+    top = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(scores.dtype).reshape(1, Hkv, r, 1, 1)
+        top = mx.maximum(top, sink)
+    weights = exp_nonpositive(scores - top)
     if mask is not None:
         weights = mx.where(mask, weights, 0.0)
-    weights = weights / weights.sum(axis=-1, keepdims=True)
+    total = weights.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + exp_nonpositive(sink - top)
+    weights = weights / total
     return (weights.reshape(B, Hkv, r * L, S) @ v).reshape(B, Hq, L, D)
 
 

@@ -59,9 +59,9 @@ def attend(q: mx.array, k: mx.array, v: mx.array, lp: LayerPass, scale: float, s
     k, v = lp.cache.update_and_fetch(k, v)
     if lp.lo:  # a sliding layer: the keys before lo are outside every query's window
         k, v = _from_position(k, lp.lo), _from_position(v, lp.lo)
-    if (lp.cpu_kernels and sinks is None and q.dtype == mx.float32 and not hasattr(lp.cache, "bits")
+    if (lp.cpu_kernels and q.dtype == mx.float32 and not hasattr(lp.cache, "bits")
             and q.shape[1] * L * k.shape[2] >= cpu_kernels.MIN_SCORES):
-        out = cpu_kernels.attention(q, k, v, scale, lp.mask)  # exp at the speed of a multiply-add
+        out = cpu_kernels.attention(q, k, v, scale, lp.mask, sinks)  # exp at the speed of a multiply-add
     else:
         out = scaled_dot_product_attention(q, k, v, cache=lp.cache, scale=scale, mask=lp.mask, sinks=sinks)
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
