@@ -71,11 +71,6 @@ class Target:
         self.cpu_kernels = mx.default_device() == mx.cpu
         self.pending: dict = {}  # recurrent layers' per-node states of the last tree pass, until its commit
 
-    @property
-    def recurrent(self) -> bool:
-        """Whether some layer keeps a recurrent state (which cannot be trimmed back, unlike keys and values)."""
-        return any(is_recurrent(c) for c in self.make_cache())
-
     def head_module(self) -> nn.Module:
         return self.family.head()
 
