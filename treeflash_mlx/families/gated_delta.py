@@ -129,8 +129,10 @@ def gated_delta_tree(la: nn.Module, qkv: mx.array, z: mx.array, b: mx.array, a: 
     if commit_by == "replay":
         states = Replay(q[0], k[0], v, g, beta, state)
     lp.pending[lp.index] = (states, inputs, plan)
-    out = la.norm(y[None], z)
-    return la.out_proj(out.reshape(1, n, -1))
+    out = la.out_proj(la.norm(y[None], z).reshape(1, n, -1))
+    if (group := getattr(la, "sharding_group", None)) is not None:  # tensor parallel: each rank has some heads
+        out = mx.distributed.all_sum(out, group=group)
+    return out
 
 
 class Replay:
