@@ -81,7 +81,7 @@ def time_passes(model, trees: dict, prefix: int, repeats: int) -> dict:
                 mx.eval([c.state for c in cache])
                 times.setdefault((name, commit_by), []).append(time.perf_counter() - tic)
                 reset()
-    Qwen3Next.recurrent_commit = "stored"
+    Qwen3Next.recurrent_commit = "auto"
     return {k: float(np.median(v[1:])) for k, v in times.items()}
 
 
@@ -121,7 +121,7 @@ def round_memory(model, tree: DraftTree, prefix: int, commit_by: str) -> int:
     mx.eval(logits)
     target.commit(cache, prefix, [0] + tree.path(len(tree) - 1))
     mx.eval([c.state for c in cache])
-    Qwen3Next.recurrent_commit = "stored"
+    Qwen3Next.recurrent_commit = "auto"
     return mx.get_peak_memory() - base
 
 

@@ -75,6 +75,17 @@ def test_after_every_round_the_committed_states_are_plain_decodings(family, comm
     assert np.mean(taus) > 3 and max(taus) == 8, taus  # long paths, not only the root
 
 
+def test_auto_keeps_per_node_states_while_they_fit_and_replays_beyond(monkeypatch):
+    from treeflash_mlx.families.qwen3_next import Qwen3Next
+
+    family = Target(tiny_target("qwen3_5")).family  # 2 linear layers of 4 heads of 16 x 16: 8 KiB a node
+    assert family.recurrent_commit == "auto"
+    monkeypatch.setattr(Qwen3Next, "STORED_BYTES", 16 * 8192)
+    assert family.commit_by(16) == "stored" and family.commit_by(17) == "replay"
+    monkeypatch.setattr(Qwen3Next, "recurrent_commit", "replay")
+    assert family.commit_by(1) == "replay"
+
+
 def test_the_tree_plan_reads_each_nodes_own_path():
     # 0 ─ 1 ─ 3 ─ 5
     #   └ 2 ─ 4

@@ -14,9 +14,9 @@ In a tree the "previous token" of node i is its parent, so (docs/algorithm.md, "
 Nodes are updated a whole depth at a time (the nodes of depth d read the states of depth d−1), so a tree of
 depth D costs D batched updates, whatever its width. The commit takes the accepted path's last state and the
 last K−1 inputs along that path; nothing else of the pass survives. Two ways to have that state: keep every
-node's state until the commit (``"stored"``, the default: the commit is a slice), or keep only each node's
-q, k, v, g, β and redo the path's updates from the committed state (``"replay"``: L more small updates per
-layer, no per-node states held). docs/algorithm.md, "Recurrent layers in trees", gives the measured costs.
+node's state until the commit (``"stored"``: the commit is a slice), or keep only each node's q, k, v, g, β
+and redo the path's updates from the committed state (``"replay"``: L more small updates per layer, no
+per-node states held); the family picks one per pass (``Qwen3Next.commit_by``). docs/algorithm.md, "Recurrent layers in trees", gives the measured costs.
 """
 
 from __future__ import annotations

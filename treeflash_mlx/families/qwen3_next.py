@@ -21,7 +21,17 @@ class Qwen3Next(Family):
     name = "qwen3_next"
     dense_mlp = qwen3_next.Qwen3NextMLP
 
-    recurrent_commit = "stored"  # or "replay" (gated_delta's module docs)
+    recurrent_commit = "auto"  # "stored", "replay" or "auto" (gated_delta's module docs)
+    STORED_BYTES = 512 << 20  # "auto" keeps the per-node states of a pass up to this many bytes, else replays
+
+    def commit_by(self, nodes: int) -> str:
+        """How this pass's recurrent states reach the commit: kept per node while they fit ``STORED_BYTES``
+        (the commit is then a slice), else replayed along the accepted path (a few MiB per node saved)."""
+        if self.recurrent_commit != "auto":
+            return self.recurrent_commit
+        linear = [layer.linear_attn for layer in self.layers if layer.is_linear]
+        per_node = sum(la.num_v_heads * la.head_v_dim * la.head_k_dim * 4 for la in linear)  # float32 states
+        return "stored" if nodes * per_node <= self.STORED_BYTES else "replay"
 
     def make_cache(self):
         return [recurrent_cache() if layer.is_linear else KVCache() for layer in self.layers]
@@ -43,7 +53,7 @@ class Qwen3Next(Family):
     def linear(self, la, x, lp):
         if lp.tree is None:  # prefill: every token is committed, as mlx-lm runs the layer
             return la(x, None, lp.cache)
-        return gated_delta.gated_delta_tree(la, *self.projections(la, x), lp.cache, lp, self.recurrent_commit)
+        return gated_delta.gated_delta_tree(la, *self.projections(la, x), lp.cache, lp, self.commit_by(lp.tree.n))
 
     @staticmethod
     def projections(la, x):
