@@ -181,7 +181,7 @@ def test_models_health_cors_and_one_log_line_per_request(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["treeflash-demo"]
     status, headers, data = server.raw("GET", "/health")
-    assert status == 200 and json.loads(data) == {"status": "ok"}
+    assert status == 200 and json.loads(data) == {"status": "ok", "generating": False, "queued": 0}
     status, headers, _ = server.raw("OPTIONS", "/v1/chat/completions", headers={"Origin": "http://app.local"})
     assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
     before = len([line for line in server.lines if "POST /v1/completions 200" in line])

@@ -109,7 +109,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         route = path.rstrip("/")
         if route == "/health":
-            self.send_json(200, {"status": "ok"})
+            self.send_json(200, {"status": "ok", "generating": self.engine.busy.is_set(),
+                                 "queued": self.engine.jobs.qsize()})
         elif route in ("/v1/models", "/models"):
             self.send_json(200, {"object": "list", "data": [
                 {"id": self.engine.model_id, "object": "model", "created": int(time.time()),
