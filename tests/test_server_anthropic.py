@@ -120,3 +120,19 @@ def test_malformed_bodies_get_anthropic_shaped_errors(server):
     status, _, data = server.raw("POST", "/v1/messages/batches", b"{}", {"Content-Type": "application/json"})
     assert status == 404 and json.loads(data)["error"]["type"] == "not_found_error"
     assert server.raw("GET", "/health")[0] == 200
+
+
+def test_a_turn_whose_template_drops_the_reasoning_reads_the_shared_prefix_from_the_cache(server):
+    # turn 1's answer comes back as a thinking block, which the demo template does not render (as thinking
+    # models' templates drop earlier reasoning): turn 2 shares turn 1's prompt, not its answer
+    question = {"role": "user", "content": 'class Queue:\n    """A first-in, first-out queue of items."""\n'}
+    first = server.client.chat.completions.create(model="default_model", messages=[question], max_tokens=16)
+    second = server.anthropic.messages.create(model="m", max_tokens=8, messages=[
+        question, {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": first.choices[0].message.content, "signature": ""},
+            {"type": "text", "text": ""}]},
+        {"role": "user", "content": "def put(self, x):"}])
+    cached = second.usage.cache_read_input_tokens
+    assert first.usage.prompt_tokens >= 8, "longer than the shortest prefix the server's caches share"
+    assert first.usage.prompt_tokens <= cached < first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.usage.output_tokens == 8
