@@ -8,4 +8,4 @@ python demos/train_drafter.py                                    # treeflash_mlx
 python demos/train_target.py --layers 1 --minutes 6 --tokenizer treeflash_mlx/demo/target \
     --out treeflash_mlx/demo/draft-model --work demos/work/draft-model   # mlx-lm --draft-model baseline
 python demos/make_prompts.py > demos/heldout_prompts.jsonl       # held-out evaluation prompts
-python demos/evaluate.py                                         # the README's table
+python demos/evaluate.py                                         # docs/benchmarks.md's table

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,62 +19,10 @@ from treeflash_mlx import load, stream_generate  # noqa: E402
 from treeflash_mlx.generate import main as generate_main  # noqa: E402
 from treeflash_mlx.loading import DEMO  # noqa: E402
 from treeflash_mlx.server import RequestError, chat_prompt  # noqa: E402
+from server_helpers import Server  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 PROMPTS = [json.loads(line)["prompt"] for line in (ROOT / "demos" / "heldout_prompts.jsonl").read_text().splitlines()]
-
-
-class Server:
-    """A live server on a free port of 127.0.0.1; its log lines are collected as they come."""
-
-    def __init__(self, *flags: str):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "treeflash_mlx.server", "--port", "0", *flags],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.lines: list[str] = []
-        self.port = None
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                self.lines.append(line.rstrip())
-                if " at http://127.0.0.1:" in line:
-                    self.port = int(line.rsplit(":", 1)[1].split("/")[0])
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120) or self.port is None:
-            self.close()
-            raise RuntimeError("the server did not start:\n" + "\n".join(self.lines))
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0,
-                                    timeout=120)
-
-    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, dict(response.getheaders()), data
-
-    def wait_for_log(self, text: str, seconds: float = 30) -> str:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            hits = [line for line in self.lines if text in line]
-            if hits:
-                return hits[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"no log line with {text!r}:\n" + "\n".join(self.lines[-20:]))
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +181,7 @@ def test_models_health_cors_and_one_log_line_per_request(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["treeflash-demo"]
     status, headers, data = server.raw("GET", "/health")
-    assert status == 200 and json.loads(data) == {"status": "ok"}
+    assert status == 200 and json.loads(data) == {"status": "ok", "generating": False, "queued": 0}
     status, headers, _ = server.raw("OPTIONS", "/v1/chat/completions", headers={"Origin": "http://app.local"})
     assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
     before = len([line for line in server.lines if "POST /v1/completions 200" in line])

@@ -6,7 +6,7 @@ import types
 from . import _blas, _cli
 
 _cli.install_import_guard()  # a command line's Ctrl-C during the imports below ends in one line
-_blas.setup()  # must precede the first `import mlx.core` (README, "Linux CPU: fast BLAS")
+_blas.setup()  # must precede the first `import mlx.core` (docs/linux-cpu.md, "Fast BLAS")
 
 from .drafter import Drafter, DrafterConfig  # noqa: E402
 from .loading import load  # noqa: E402

@@ -1,4 +1,4 @@
-"""Make MLX's Linux CPU backend use a fast BLAS (docs/algorithm.md, "Linux CPU"; README, "Linux CPU: fast BLAS").
+"""Make MLX's Linux CPU backend use a fast BLAS (docs/algorithm.md, "Linux CPU"; docs/linux-cpu.md, "Fast BLAS").
 
 The Linux `mlx[cpu]` wheel links the reference BLAS (~3 GFLOP/s): a 16-token tree verification then costs
 as much as 16 single steps and speculative decoding can only lose. Loading a fast BLAS with RTLD_GLOBAL

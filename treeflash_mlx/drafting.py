@@ -47,7 +47,7 @@ CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64, "window": 1024, "
 
 def device_settings() -> dict[str, int]:
     """Defaults for the budget, top-m, head vocabulary and drafter window: the published ones on a GPU (the
-    drafter sees the whole context); on the CPU backend the fastest measured on the demo pair (README), since
+    drafter sees the whole context); on the CPU backend the fastest measured on the demo pair (docs/benchmarks.md), since
     there every verified node and the head's exp over the vocabulary cost far more, and a 1024-position drafter
     window (with the sinks) bounds the drafter's cost on long prompts. They shape the tree only, never the output."""
     return dict(CPU_SETTINGS if mx.default_device() == mx.cpu else PUBLISHED_SETTINGS)

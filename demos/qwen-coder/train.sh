@@ -6,7 +6,7 @@
 # TARGET_F32_DIR: the target converted to float32 (mlx_lm convert --dtype float32). Work files (answers,
 # features, labels, checkpoints, the τ curve) go to ${TREEFLASH_WORK:-~/.cache/treeflash-work}/qwen-coder, outside
 # the repository; run the same command again after an interruption and it resumes. The held-out τ curve
-# replays the first 20 HumanEval problems, the prompts the README's benchmark runs; HumanEval never trains.
+# replays the first 20 HumanEval problems, the prompts docs/benchmarks.md's benchmark runs; HumanEval never trains.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target="${1:?usage: train.sh TARGET_F32_DIR [train flags]}"; shift
