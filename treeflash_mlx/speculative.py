@@ -225,6 +225,7 @@ def generate_step(
         logits, feats = target.verify(tree, cache.target, drafting.capture)
         path, bonus, logprobs = sample_and_accept(node_logits(logits, tree, history, processors), tree, sampler, keys)
         timer("verify")
+        drafting.observe(tree, path)
         compact(cache.target, start, path)
         if drafting.capture:
             drafting.append_context(feats[mx.array(path)], cache.drafter)
