@@ -204,23 +204,25 @@ class Knowledge:
     acceptance: Acceptance = field(default_factory=Acceptance)
     draft_seconds: float | None = None  # EMA of a round's drafting time
     drafted_rate: tuple[float, float] | None = None  # EMA of (tokens, seconds) of the drafted rounds
+    undrafted_rate: tuple[float, float] | None = None  # the same of the rounds without drafting (plain, copies)
 
     def add_draft(self, seconds: float, ema: float = 0.2) -> None:
         self.draft_seconds = seconds if self.draft_seconds is None else (1 - ema) * self.draft_seconds + ema * seconds
 
-    def add_drafted_round(self, tokens: int, seconds: float, ema: float = 0.2) -> None:
-        if self.drafted_rate is None:
-            self.drafted_rate = (float(tokens), seconds)
-        else:
-            t, s = self.drafted_rate
-            self.drafted_rate = ((1 - ema) * t + ema * tokens, (1 - ema) * s + ema * seconds)
+    def add_round(self, drafted: bool, tokens: int, seconds: float, ema: float = 0.2) -> None:
+        name = "drafted_rate" if drafted else "undrafted_rate"
+        old = getattr(self, name)
+        new = (float(tokens), seconds) if old is None else ((1 - ema) * old[0] + ema * tokens,
+                                                            (1 - ema) * old[1] + ema * seconds)
+        setattr(self, name, new)
 
 
 class Tuner:
     """One generation's choices, over a ``Knowledge`` shared by the generations of one drafting setup.
 
-    Per round the loop calls ``wants_draft(ctx)`` (False: a plain step, no drafting at all), then, drafted,
-    ``choose(...)`` with the full draft's scores, and finally ``observe(...)`` with the timings and the path.
+    Per round the loop calls ``wants_draft(ctx)`` (False: no drafting at all), then ``choose(...)`` with the full
+    draft's scores (if drafted) and the copy from the context (if any), and finally ``observe(...)`` with the
+    timings and the path.
     The first drafted round warms up (kernels, caches) and is not timed; the next ones verify each of
     ``PROBES`` once where its cost is not known; then every round takes ``plan``'s choice."""
 
@@ -261,14 +263,17 @@ class Tuner:
         return next((n for n in self.candidates if n >= want), self.max_size)
 
     def wants_draft(self, ctx: int) -> bool:
-        """Draft this round, or take a plain step: plain while drafted rounds delivered fewer tokens per second
-        than a plain step costs, drafting again after ``backoff`` plain steps (doubled each time it still loses)
-        to see whether the text has changed."""
+        """Draft this round, or not (a plain step, or a copy from the context alone): not while drafted rounds
+        delivered fewer tokens per second than the rounds without drafting (than a plain step, before there
+        were any), drafting again after ``backoff`` rounds (doubled each time it still loses) to see whether the
+        text has changed."""
         k = self.knowledge
         if not self.warm or self.probes or k.drafted_rate is None or not k.costs.count(1):
             return True
         tokens, seconds = k.drafted_rate
-        if tokens / seconds >= 1.0 / float(k.costs.predict([1], ctx)[0]):
+        undrafted = (k.undrafted_rate[0] / k.undrafted_rate[1] if k.undrafted_rate
+                     else 1.0 / float(k.costs.predict([1], ctx)[0]))
+        if tokens / seconds >= undrafted:
             self.plain_streak, self.backoff = 0, 1
             return True
         if self.plain_streak >= self.backoff:
@@ -278,19 +283,23 @@ class Tuner:
         return False
 
     def choose(self, tree_logp: np.ndarray, tree_depths: np.ndarray, copy_positions: np.ndarray, ctx: int,
-               draft_seconds: float) -> Plan:
-        """The plan of a drafted round: ``tree_logp``/``tree_depths`` of the drafted nodes past the root in
-        best-first order, ``copy_positions`` the positions along the copy of the nodes a copy would add."""
+               draft_seconds: float | None) -> Plan:
+        """The plan of a round: ``tree_logp``/``tree_depths`` of the drafted nodes past the root in best-first
+        order (none: not drafted, ``draft_seconds`` None), ``copy_positions`` the positions along the copy of the
+        nodes a copy would add."""
         k = self.knowledge
-        if self.warm and self.probes:
+        if draft_seconds is None:
+            draft_seconds = 0.0
+        elif self.warm and self.probes:
             n = self.probes.pop(0)
             return Plan(n, 0, float("nan"), float("nan"))
+        elif k.draft_seconds is not None:
+            draft_seconds = k.draft_seconds  # the mean: this round's own time is noisier
         if not self.warm or not k.costs.count(1):
-            return Plan(min(16, self.max_size), 0, float("nan"), float("nan"))
+            return Plan(min(16, self.max_size) if len(tree_logp) else 1, 0, float("nan"), float("nan"))
         tree_gains = k.acceptance.prob(tree_logp, tree_depths)
         copy_gains = k.acceptance.copy_prob(copy_positions)
-        return plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds if k.draft_seconds is None
-                    else k.draft_seconds, self.candidates)
+        return plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds, self.candidates)
 
     def observe(self, size: int, drafted: bool, tokens: int, ctx: int, draft_seconds: float, verify_seconds: float,
                 accepted: tuple | None = None) -> None:
@@ -310,7 +319,13 @@ class Tuner:
         if drafted:
             self.recent.append(size)
             k.add_draft(draft_seconds)
-            k.add_drafted_round(tokens, draft_seconds + verify_seconds)
+        k.add_round(drafted, tokens, draft_seconds + verify_seconds)
+
+    def summary(self) -> str:
+        """One line: the histogram of the budgets chosen and the plain steps."""
+        r = self.report()
+        sizes = ", ".join(f"{n}: {c}" for n, c in r["tree_sizes"].items())
+        return f"Tree sizes (auto): {{{sizes}}} over {r['rounds']} rounds, plain steps {r['plain_step_fraction']:.0%}"
 
     def report(self) -> dict:
         """The budgets chosen (a histogram over the verified rounds; 1: the root alone) and the plain steps."""

@@ -320,8 +320,11 @@ class DrafterDrafting(Drafting):
 
     def _start(self, history: Sequence[int], cache: list, opts: DraftOptions, timer=untimed):
         arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, opts, timer, self.head)
-        copy = continuation(np.asarray(history), opts.lookup, opts.lookup_match) if opts.lookup else np.zeros(0, np.int64)
-        return arrays, copy
+        return arrays, self._copy(history, opts)
+
+    @staticmethod
+    def _copy(history: Sequence[int], opts: DraftOptions) -> np.ndarray:
+        return continuation(np.asarray(history), opts.lookup, opts.lookup_match) if opts.lookup else np.zeros(0, np.int64)
 
     def finish(self, root: int, pending, timer=untimed) -> DraftTree:
         """The drafted tree; a copy from the context replaces its lowest-scored nodes (``tree.graft``), and in
@@ -361,8 +364,8 @@ class AutoDrafting(DrafterDrafting):
 
     def start(self, history: Sequence[int], cache: list, timer=untimed) -> _Pending:
         tic = time.perf_counter()
-        if not self.tuner.wants_draft(len(history)):
-            return _Pending(None, np.zeros(0, np.int64), self.opts, len(history), 0.0)
+        if not self.tuner.wants_draft(len(history)):  # no drafter pass: the root, and a copy where one pays
+            return _Pending(None, self._copy(history, self.opts), self.opts, len(history), 0.0)
         opts = replace(self.opts, tree_size=self.tuner.draft_size())
         arrays, copy = super()._start(history, cache, opts, timer)
         return _Pending(arrays, copy, opts, len(history), time.perf_counter() - tic)
@@ -370,12 +373,14 @@ class AutoDrafting(DrafterDrafting):
     def finish(self, root: int, pending: _Pending, timer=untimed) -> DraftTree:
         tic = time.perf_counter()
         if pending.arrays is None:
-            self._round = (pending.context, 0.0, None, time.perf_counter())
-            return root_only(root)
-        tree = finish_draft(root, pending.arrays, pending.opts, timer)
+            tree, draft_seconds = root_only(root), None
+            tree.scores = np.zeros(1)
+        else:
+            tree = finish_draft(root, pending.arrays, pending.opts, timer)
         copy = pending.copy
         matched = walk(tree, copy)[1] if len(copy) else 0
-        draft_seconds = pending.seconds + time.perf_counter() - tic
+        if pending.arrays is not None:
+            draft_seconds = pending.seconds + time.perf_counter() - tic
         plan = self.tuner.choose(tree.scores[1:], tree.depths[1:], np.arange(matched + 1, len(copy) + 1),
                                  pending.context, draft_seconds)
         out = graft(tree, copy[: matched + plan.copied], plan.size) if plan.copied else tree.first(plan.size)
@@ -387,12 +392,13 @@ class AutoDrafting(DrafterDrafting):
         context, draft_seconds, scored, tic = self._round
         verify_seconds = time.perf_counter() - tic
         accepted = None
-        if scored is not None and len(tree) - tree.copied == len(scored[0]) + 1:  # (not cut by a K/V switch)
+        if len(tree) - tree.copied == len(scored[0]) + 1:  # (not cut by a K/V quantization switch)
             on_path = np.zeros(len(tree), dtype=bool)
             on_path[path] = True
             kept = len(tree) - tree.copied
             accepted = (*scored, on_path[1:kept], tree.depths[kept:], on_path[kept:])
-        self.tuner.observe(len(tree), draft_seconds > 0, len(path), context, draft_seconds, verify_seconds, accepted)
+        drafted = draft_seconds is not None
+        self.tuner.observe(len(tree), drafted, len(path), context, draft_seconds or 0.0, verify_seconds, accepted)
         if self.cache_key is not None and self.tuner.wants_saving():
             autotune.write_cache(autotune.cache_path(), self.cache_key, self.tuner.knowledge)
 
@@ -459,6 +465,8 @@ def make_drafting(
     given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab, "window": draft_window,
              "lookup": draft_lookup}
     settings = device_settings() | {k: v for k, v in given.items() if v is not None}
+    if isinstance(settings["tree_size"], str) and settings["tree_size"] != AUTO:
+        raise ValueError(f"tree_size must be a node count or 'auto', got {settings['tree_size']!r}")
     auto = settings["tree_size"] == AUTO
     if auto:
         settings["tree_size"] = max(autotune.CANDIDATES)
