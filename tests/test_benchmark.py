@@ -83,7 +83,7 @@ def test_a_mismatch_is_reported_loudly(models, tmp_path, capsys, monkeypatch):
 def test_bad_options_fail_clearly(models, capsys):
     assert main(["--model", str(models[0]), "--modes", "ar,warp"]) == 1
     assert "unknown mode 'warp'" in capsys.readouterr().err
-    for bad in ("chain@8", "treeflash@0", "treeflash@fast"):
+    for bad in ("chain@8", "treeflash@0", "treeflash@fast", "treeflash@8+16", "treeflash@8+nolookup+nolookup"):
         assert main(["--model", str(models[0]), "--modes", bad]) == 1
         assert f"mode '{bad}': only marginal and treeflash take a variant" in capsys.readouterr().err
     assert main(["--model", str(models[0]), "--modes", "ar@nolookup"]) == 1
@@ -102,9 +102,11 @@ def test_published_settings_run_beside_the_device_defaults(models, tmp_path, cap
 
 
 def test_copies_from_the_context_can_be_left_out_beside_the_defaults(models, tmp_path, capsys):
-    table, report = bench(capsys, models, tmp_path, "--modes", "treeflash,treeflash@nolookup,chain@nolookup")
+    table, report = bench(capsys, models, tmp_path, "--modes",
+                          "treeflash,treeflash@nolookup,chain@nolookup,treeflash@8+nolookup")
     rows = {r["mode"]: r for r in report["results"]}
-    assert list(rows) == ["ar", "treeflash", "treeflash@nolookup", "chain@nolookup"]
+    assert list(rows) == ["ar", "treeflash", "treeflash@nolookup", "chain@nolookup", "treeflash@8+nolookup"]
+    assert rows["treeflash@8+nolookup"]["tree_size"] == 8 and rows["treeflash@8+nolookup"]["copied_rounds"] == 0
     assert rows["treeflash@nolookup"]["tree_size"] == rows["treeflash"]["tree_size"] == "auto"
     assert all(r["lossless"] for r in rows.values())
     assert "copies from the context up to 15 tokens after 2+ matched" in table

@@ -433,19 +433,27 @@ def base_mode(mode: str) -> str:
     return mode.split("@")[0]
 
 
+def variant_parts(mode: str) -> tuple[str, bool]:
+    """A mode's variant split in its tree part (N, auto, published or '') and whether it has no copies:
+    ``treeflash@16+nolookup`` is ("16", True)."""
+    parts = [p for p in mode.partition("@")[2].split("+") if p]
+    return next((p for p in parts if p != "nolookup"), ""), "nolookup" in parts
+
+
 def check_modes(modes: list[str]) -> None:
     for m in modes:
-        base, _, variant = m.partition("@")
+        base, variant = m.partition("@")[0], m.partition("@")[2]
+        tree, nolookup = variant_parts(m)
         if base not in ALL_MODES and m not in PEER_MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join([*ALL_MODES, *PEER_MODES])} (tree modes "
                              "may add @N, @auto or @published)")
-        if variant == "nolookup" and base not in ("chain", *TREE_MODES):
+        if nolookup and base not in ("chain", *TREE_MODES):
             raise ValueError(f"mode {m!r}: only chain, {' and '.join(TREE_MODES)} take @nolookup")
-        if variant not in ("", "nolookup") and (base not in TREE_MODES
-                                                or not (variant in ("published", "auto")
-                                                        or variant.isdigit() and int(variant))):
+        parts = variant.split("+") if variant else []
+        if (tree and (base not in TREE_MODES or not (tree in ("published", "auto") or tree.isdigit() and int(tree))))\
+                or len(parts) != len(set(parts)) or len([p for p in parts if p != "nolookup"]) > 1:
             raise ValueError(f"mode {m!r}: only {' and '.join(TREE_MODES)} take a variant @N (a budget >= 1), "
-                             "@auto or @published")
+                             "@auto or @published (with +nolookup: no copies, e.g. treeflash@16+nolookup)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -542,11 +550,11 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
 
     def settings(mode: str, tree_size: int) -> dict:
         """stream_generate's drafting keywords for a mode."""
-        if mode.endswith("@published"):
+        if variant_parts(mode)[0] == "published":
             p = PUBLISHED_SETTINGS
             return {"tree_size": p["tree_size"], "draft_top_m": p["top_m"], "draft_vocab": p["head_vocab"],
                     "draft_window": p["window"], "draft_lookup": p["lookup"]}
-        lookup = 0 if mode.endswith("@nolookup") else args.draft_lookup
+        lookup = 0 if variant_parts(mode)[1] else args.draft_lookup
         return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab, **window,
                 "draft_lookup": lookup, "draft_lookup_match": args.draft_lookup_match}
 
@@ -583,10 +591,10 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
     tree_sizes = {m: args.tree_size if args.tree_size == "auto" else int(args.tree_size) for m in modes
                   if base_mode(m) in TREE_MODES}
     for m in modes:
-        variant = m.partition("@")[2]
+        variant = variant_parts(m)[0]
         if variant == "auto":
             tree_sizes[m] = "auto"
-        elif variant and variant != "nolookup":
+        elif variant:
             tree_sizes[m] = PUBLISHED_SETTINGS["tree_size"] if variant == "published" else int(variant)
             trees.setdefault(f"tree{tree_sizes[m]}", bushy_tree(tree_sizes[m], vocab, rng))
     print("measuring verification costs", file=sys.stderr)
@@ -635,7 +643,7 @@ def print_group(measured: dict, args: argparse.Namespace) -> None:
         print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, copies from the "
               f"context {lookup}, tree budget "
               + ", ".join(f"{m} {n}" for m, n in tree_sizes.items())
-              + (f" (@published: {PUBLISHED_SETTINGS})" if any(m.endswith("@published") for m in tree_sizes) else ""))
+              + (f" (@published: {PUBLISHED_SETTINGS})" if any(variant_parts(m)[0] == "published" for m in tree_sizes) else ""))
     copied = [f"{r['mode']} {r['copied_rounds']} of {r['rounds_counted']}" for r in results if r.get("copied_rounds")]
     if copied:
         print("\nrounds whose draft held a copy from the context (ours: in the profiled runs): " + ", ".join(copied))
@@ -694,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help="comma-separated; tree modes may add @N (budget N), @auto or @published (tree 64, top-m 16, "
                         "whole vocabulary, no copies), e.g. treeflash,treeflash@published; chain and tree modes "
-                        "@nolookup (no copies from the context); the peer dflash-mlx (if installed, greedy): "
+                        "@nolookup (no copies from the context; tree modes may join it to a variant: "
+                        "treeflash@16+nolookup); the peer dflash-mlx (if installed, greedy): "
                         "dflash-mlx, dflash-mlx-ddtree")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temp", type=float, default=0.0)
