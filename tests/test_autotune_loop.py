@@ -134,3 +134,36 @@ def test_generate_reports_the_budgets_auto_chose(tmp_path, capsys, monkeypatch):
     assert "tree_size_auto" not in json.loads(capsys.readouterr().out)
     entries = autotune.read_cache(tmp_path / "autotune.json")
     assert len(entries) == 1 and str(model) in next(iter(entries)), "the pair's costs were remembered"
+
+
+def test_plain_steps_defer_the_drafters_context_and_a_reused_prompt_cache_stays_exact(tokenizer, monkeypatch):
+    """Rounds without drafting leave the drafter's context to the next drafted round (one append for all of
+    them); a prompt cache left behind holds the drafter's context only that far, and the next generation from it
+    is still exact."""
+    from treeflash_mlx import make_prompt_cache
+    from treeflash_mlx.drafter import Drafter
+
+    appends, real_append = [], Drafter.append_context
+    monkeypatch.setattr(Drafter, "append_context", lambda self, f, c: appends.append(f.shape[1]) or real_append(self, f, c))
+    target = tiny_target("qwen3", seed=5)
+    drafter = tiny_drafter(target)
+    prompt = random_prompts(1, seed=12)[0]
+    reference = mlx_lm_greedy(target, prompt, 60)
+    drafting = Rigged(target, drafter, prompt + reference, right=False)
+    cache = make_prompt_cache(target, drafter)
+    responses = list(stream_generate(target, tokenizer, prompt, 60, drafter=drafting, prompt_cache=cache))
+    assert [r.token for r in responses] == reference
+    report = drafting.tuner.report()
+    drafted = round(report["rounds"] * (1 - report["plain_step_fraction"]))
+    assert report["plain_step_fraction"] > 0.5
+    # the prefill, then each drafted round's own and the one flush of what waited before it: not one per round
+    assert len(appends) <= 1 + 2 * drafted < 1 + report["rounds"]
+    assert sum(appends) == cache.drafter_length <= len(cache.tokens)
+    follow = prompt + reference[:-1] + [3, 4, 5]
+    want = mlx_lm_greedy(target, follow, 30)
+    drafting.tuner = autotune.Tuner(drafting.tuner.knowledge, 64)
+    drafting.truth = follow + want
+    got = [r.token for r in stream_generate(target, tokenizer, follow, 30, drafter=drafting, prompt_cache=cache)]
+    assert got == want and cache.reused > 0
+    ours = [r.token for r in stream_generate(target, tokenizer, follow, 30, drafter=drafter, prompt_cache=cache)]
+    assert ours == want, "the real drafter, drafting from the cache's context"

@@ -361,17 +361,48 @@ class AutoDrafting(DrafterDrafting):
         self.tuner = autotune.Tuner(knowledge, opts.tree_size)
         self.cache_key = cache_key  # the cache file's entry for this pair on this machine; None: no file
         self._round: tuple | None = None
+        self._defer = False  # the round just verified did not draft: its context features can wait
+        self._deferred: tuple[list, list[mx.array]] | None = None  # (drafter cache, features waiting for it)
+
+    DEFER_LIMIT = 256  # positions whose features may wait; then they are appended anyway (bounded memory)
+
+    def adopt(self, cache: list | None) -> list:
+        self._deferred, self._defer = None, False  # a new generation: what waited stays out (``PromptCache.fit``)
+        return super().adopt(cache)
+
+    def append_context(self, features: mx.array, cache: list) -> None:
+        """After rounds without drafting, the drafter's context waits: their features are appended in one pass
+        when a round drafts again (or ``DEFER_LIMIT`` positions have waited), so that plain steps cost what a
+        plain step costs. A prompt cache left behind then holds the drafter's context up to where it was appended
+        (``PromptCache.drafter_length``), and a next generation prefills the rest again."""
+        if not self._defer:
+            self._flush(cache)
+            return super().append_context(features, cache)
+        self._defer = False
+        if self._deferred is None or self._deferred[0] is not cache:
+            self._deferred = (cache, [])
+        mx.async_eval(features)
+        self._deferred[1].append(features)
+        if sum(f.shape[0] for f in self._deferred[1]) >= self.DEFER_LIMIT:
+            self._flush(cache)
+
+    def _flush(self, cache: list) -> None:
+        if self._deferred is not None and self._deferred[0] is cache and self._deferred[1]:
+            super().append_context(mx.concatenate(self._deferred[1], axis=0), cache)
+        self._deferred = None
 
     def start(self, history: Sequence[int], cache: list, timer=untimed) -> _Pending:
         tic = time.perf_counter()
         if not self.tuner.wants_draft(len(history)):  # no drafter pass: the root, and a copy where one pays
             return _Pending(None, self._copy(history, self.opts), self.opts, len(history), 0.0)
+        self._flush(cache)
         opts = replace(self.opts, tree_size=self.tuner.draft_size())
         arrays, copy = super()._start(history, cache, opts, timer)
         return _Pending(arrays, copy, opts, len(history), time.perf_counter() - tic)
 
     def finish(self, root: int, pending: _Pending, timer=untimed) -> DraftTree:
         tic = time.perf_counter()
+        self._defer = pending.arrays is None
         if pending.arrays is None:
             tree, draft_seconds = root_only(root), None
             tree.scores = np.zeros(1)
