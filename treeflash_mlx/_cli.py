@@ -118,7 +118,8 @@ def add_drafting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-sinks", type=int, default=None, help="context positions always kept with --draft-window")
     p.add_argument("--draft-lookup", type=int, default=None,
                    help="up to N tokens that followed an earlier occurrence of the last tokens join the tree "
-                        "(prompt lookup; 0: off; default: 0 on a GPU, as published, 15 on the CPU; output unchanged)")
+                        "(prompt lookup; 0: off; default 15: --tree-size auto drops them where they do not pay; "
+                        "output unchanged)")
     p.add_argument("--draft-lookup-match", type=int, default=None,
                    help="the fewest last tokens such an earlier occurrence must repeat (2)")
 
