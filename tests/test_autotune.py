@@ -247,3 +247,18 @@ def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
     assert autotune.cache_path() == tmp_path / "c.json"
     monkeypatch.delenv(autotune.CACHE_ENV)
     assert autotune.cache_path().name == "autotune.json"
+
+
+def test_the_draft_is_as_large_as_the_recent_choices_and_grows_when_they_use_all_of_it():
+    tuner = Tuner(Knowledge())
+    assert tuner.draft_size() == 64, "warming up and probing: the largest"
+    tuner.warm, tuner.probes = True, []
+    for n in (4, 8, 6):
+        tuner.recent.append(n)
+    assert tuner.draft_size() == 8
+    for n in CANDIDATES:
+        tuner.knowledge.costs.add(n, 100, 0.01 + 0.0005 * n)
+    got = tuner.choose(np.full(7, -0.1), np.arange(1, 8), np.zeros(0, np.int64), 100, 0.001)
+    assert got.size == 8 and tuner.capped and tuner.draft_size() == 12
+    got = tuner.choose(np.full(15, -9.0), np.arange(1, 16), np.zeros(0, np.int64), 100, 0.001)
+    assert got.size < 16 and not tuner.capped and tuner.draft_size() == 8

@@ -234,6 +234,7 @@ class Tuner:
         self.warm = False
         self.plain_streak, self.backoff = 0, 1
         self.recent: deque[int] = deque(maxlen=16)
+        self.capped = False  # the last drafted round chose all its draft could give
         self.chosen: Counter[int] = Counter()  # budgets of the verified rounds; 1: the root alone
         self.plain_steps = 0  # rounds that skipped drafting
         self._unsaved = 0
@@ -256,11 +257,12 @@ class Tuner:
         return False
 
     def draft_size(self) -> int:
-        """The budget to draft (the head rows it computes): room to grow past the recent choices."""
+        """The budget to draft (how many head rows the drafter computes, ``drafting.head_rows``, which costs):
+        the largest of the recent choices, one candidate more when the last choice took the whole draft."""
         if not self.warm or self.probes or not self.recent:
             return self.max_size
-        want = 2 * max(self.recent)
-        return next((n for n in self.candidates if n >= want), self.max_size)
+        i = next((i for i, n in enumerate(self.candidates) if n >= max(self.recent)), len(self.candidates) - 1)
+        return self.candidates[min(i + self.capped, len(self.candidates) - 1)]
 
     def wants_draft(self, ctx: int) -> bool:
         """Draft this round, or not (a plain step, or a copy from the context alone): not while drafted rounds
@@ -299,7 +301,10 @@ class Tuner:
             return Plan(min(16, self.max_size) if len(tree_logp) else 1, 0, float("nan"), float("nan"))
         tree_gains = k.acceptance.prob(tree_logp, tree_depths)
         copy_gains = k.acceptance.copy_prob(copy_positions)
-        return plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds, self.candidates)
+        chosen = plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds, self.candidates)
+        if len(tree_logp):
+            self.capped = chosen.size - chosen.copied >= len(tree_logp) + 1
+        return chosen
 
     def observe(self, size: int, drafted: bool, tokens: int, ctx: int, draft_seconds: float, verify_seconds: float,
                 accepted: tuple | None = None) -> None:
