@@ -13,8 +13,9 @@ Plain numpy, no MLX: the loop hands in seconds, scores and accepted paths, and g
   expected number of accepted nodes is the sum of each node's probability). ``Acceptance`` gives each node's
   probability from its draft path probability and depth, calibrated on the acceptance observed.
 
-The round with the best rate is chosen; a round drafts at all only while drafted rounds have been delivering more
-tokens per second than plain steps (``Tuner.wants_draft``). The choice shapes the tree only: output is unchanged.
+The round with the best rate is chosen; a round drafts at all only while drafted rounds are expected to deliver
+more tokens per second than the round would without drafting (``Tuner.wants_draft``). The choice shapes the tree
+only: output is unchanged.
 """
 
 from __future__ import annotations
@@ -48,21 +49,25 @@ class CostModel:
 
     def __init__(self, capacity: int = 256, decay: float = 0.99):
         self.observations: deque[tuple[int, float, float]] = deque(maxlen=capacity)
+        self._counts: Counter[int] = Counter()  # observations per size
         self.decay = decay
         self._fit: tuple[np.ndarray, np.ndarray, float, float] | None = None
 
     def add(self, n: int, ctx: int, seconds: float) -> None:
         if not (np.isfinite(seconds) and seconds > 0):
             return
+        if len(self.observations) == self.observations.maxlen:
+            self._counts[self.observations[0][0]] -= 1
         self.observations.append((int(n), float(ctx), float(seconds)))
+        self._counts[int(n)] += 1
         self._fit = None
 
     def count(self, n: int) -> int:
-        return sum(1 for m, _, _ in self.observations if m == n)
+        return self._counts[n]
 
     @property
     def sizes(self) -> list[int]:
-        return sorted({n for n, _, _ in self.observations})
+        return sorted(n for n, c in self._counts.items() if c > 0)
 
     def fit(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(sizes, intercepts c_n, β, α): seconds, and seconds per 1024 context tokens (α: per node too).
@@ -203,18 +208,18 @@ class Knowledge:
     costs: CostModel = field(default_factory=CostModel)
     acceptance: Acceptance = field(default_factory=Acceptance)
     draft_seconds: float | None = None  # EMA of a round's drafting time
-    drafted_rate: tuple[float, float] | None = None  # EMA of (tokens, seconds) of the drafted rounds
-    undrafted_rate: tuple[float, float] | None = None  # the same of the rounds without drafting (plain, copies)
+    drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
 
     def add_draft(self, seconds: float, ema: float = 0.2) -> None:
         self.draft_seconds = seconds if self.draft_seconds is None else (1 - ema) * self.draft_seconds + ema * seconds
 
-    def add_round(self, drafted: bool, tokens: int, seconds: float, ema: float = 0.2) -> None:
-        name = "drafted_rate" if drafted else "undrafted_rate"
-        old = getattr(self, name)
-        new = (float(tokens), seconds) if old is None else ((1 - ema) * old[0] + ema * tokens,
-                                                            (1 - ema) * old[1] + ema * seconds)
-        setattr(self, name, new)
+    def add_drafted(self, tokens: int, seconds: float, ema: float = 0.25) -> None:
+        old = self.drafted or (float(tokens), seconds)
+        self.drafted = ((1 - ema) * old[0] + ema * tokens, (1 - ema) * old[1] + ema * seconds)
+
+    @property
+    def drafted_rate(self) -> float | None:
+        return None if self.drafted is None else self.drafted[0] / self.drafted[1]
 
 
 class Tuner:
@@ -235,6 +240,7 @@ class Tuner:
         self.plain_streak, self.backoff = 0, 1
         self.recent: deque[int] = deque(maxlen=16)
         self.capped = False  # the last drafted round chose all its draft could give
+        self._planned = float("nan")  # the seconds the last plan predicted
         self.chosen: Counter[int] = Counter()  # budgets of the verified rounds; 1: the root alone
         self.plain_steps = 0  # rounds that skipped drafting
         self._unsaved = 0
@@ -264,18 +270,19 @@ class Tuner:
         i = next((i for i, n in enumerate(self.candidates) if n >= max(self.recent)), len(self.candidates) - 1)
         return self.candidates[min(i + self.capped, len(self.candidates) - 1)]
 
-    def wants_draft(self, ctx: int) -> bool:
-        """Draft this round, or not (a plain step, or a copy from the context alone): not while drafted rounds
-        delivered fewer tokens per second than the rounds without drafting (than a plain step, before there
-        were any), drafting again after ``backoff`` rounds (doubled each time it still loses) to see whether the
-        text has changed."""
+    def wants_draft(self, ctx: int, copy_positions: np.ndarray = np.zeros(0, np.int64)) -> bool:
+        """Draft this round, or not (a plain step, or the copy from the context alone, at ``copy_positions``).
+
+        Not while drafted rounds gave fewer tokens per second than this round's best plan without drafting is
+        expected to. The drafted rounds' tokens are those committed (no calibration lag), their seconds those
+        the fitted costs predict for their plans: one round's timing on a busy machine is noise. While
+        drafting loses, a round drafts anyway after ``backoff`` rounds (doubled each time it still loses) to see
+        whether the text has changed."""
         k = self.knowledge
         if not self.warm or self.probes or k.drafted_rate is None or not k.costs.count(1):
             return True
-        tokens, seconds = k.drafted_rate
-        undrafted = (k.undrafted_rate[0] / k.undrafted_rate[1] if k.undrafted_rate
-                     else 1.0 / float(k.costs.predict([1], ctx)[0]))
-        if tokens / seconds >= undrafted:
+        alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0, self.candidates)
+        if k.drafted_rate >= alone.expected / alone.seconds:
             self.plain_streak, self.backoff = 0, 1
             return True
         if self.plain_streak >= self.backoff:
@@ -304,6 +311,7 @@ class Tuner:
         chosen = plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds, self.candidates)
         if len(tree_logp):
             self.capped = chosen.size - chosen.copied >= len(tree_logp) + 1
+        self._planned = chosen.seconds
         return chosen
 
     def observe(self, size: int, drafted: bool, tokens: int, ctx: int, draft_seconds: float, verify_seconds: float,
@@ -324,7 +332,8 @@ class Tuner:
         if drafted:
             self.recent.append(size)
             k.add_draft(draft_seconds)
-        k.add_round(drafted, tokens, draft_seconds + verify_seconds)
+            if np.isfinite(self._planned):  # (not a probe)
+                k.add_drafted(tokens, self._planned)
 
     def summary(self) -> str:
         """One line: the histogram of the budgets chosen and the plain steps."""

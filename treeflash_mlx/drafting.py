@@ -316,11 +316,8 @@ class DrafterDrafting(Drafting):
 
     def start(self, history: Sequence[int], cache: list, timer=untimed):
         """The drafter's graph, started, and the context's copy for the tree (empty when off or none)."""
-        return self._start(history, cache, self.opts, timer)
-
-    def _start(self, history: Sequence[int], cache: list, opts: DraftOptions, timer=untimed):
-        arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, opts, timer, self.head)
-        return arrays, self._copy(history, opts)
+        arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, self.opts, timer, self.head)
+        return arrays, self._copy(history, self.opts)
 
     @staticmethod
     def _copy(history: Sequence[int], opts: DraftOptions) -> np.ndarray:
@@ -392,12 +389,15 @@ class AutoDrafting(DrafterDrafting):
         self._deferred = None
 
     def start(self, history: Sequence[int], cache: list, timer=untimed) -> _Pending:
+        copy = self._copy(history, self.opts)
+        if not self.tuner.wants_draft(len(history), np.arange(1, len(copy) + 1)):
+            return _Pending(None, copy, self.opts, len(history), 0.0)  # no drafter pass: the root, and the copy
+        if self._deferred is not None:  # what plain steps deferred is no cost of this round's drafting: timed apart
+            self._flush(cache)
+            mx.eval([c.state for c in cache])
         tic = time.perf_counter()
-        if not self.tuner.wants_draft(len(history)):  # no drafter pass: the root, and a copy where one pays
-            return _Pending(None, self._copy(history, self.opts), self.opts, len(history), 0.0)
-        self._flush(cache)
         opts = replace(self.opts, tree_size=self.tuner.draft_size())
-        arrays, copy = super()._start(history, cache, opts, timer)
+        arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, opts, timer, self.head)
         return _Pending(arrays, copy, opts, len(history), time.perf_counter() - tic)
 
     def finish(self, root: int, pending: _Pending, timer=untimed) -> DraftTree:
