@@ -24,7 +24,7 @@ def true_cost(n, ctx):
 
 def test_the_cost_model_recovers_a_known_cost_curve():
     rng = np.random.default_rng(0)
-    costs = CostModel(capacity=512)
+    costs = CostModel(per_size=64)
     for i in range(500):
         n, ctx = int(rng.choice(CANDIDATES)), 200 + 6 * i  # the context grows as a generation goes on
         costs.add(n, ctx, true_cost(n, ctx) * rng.lognormal(0, 0.03))
@@ -254,7 +254,7 @@ def test_the_draft_is_as_large_as_the_recent_choices_and_grows_when_they_use_all
     assert tuner.draft_size() == 64, "warming up and probing: the largest"
     tuner.warm, tuner.probes = True, []
     for n in (4, 8, 6):
-        tuner.recent.append(n)
+        tuner.knowledge.recent.append(n)
     assert tuner.draft_size() == 8
     for n in CANDIDATES:
         tuner.knowledge.costs.add(n, 100, 0.01 + 0.0005 * n)
@@ -262,3 +262,26 @@ def test_the_draft_is_as_large_as_the_recent_choices_and_grows_when_they_use_all
     assert got.size == 8 and tuner.capped and tuner.draft_size() == 12
     got = tuner.choose(np.full(15, -9.0), np.arange(1, 16), np.zeros(0, np.int64), 100, 0.001)
     assert got.size < 16 and not tuner.capped and tuner.draft_size() == 8
+
+
+def test_a_drafter_whose_scores_mean_nothing_is_found_out_in_a_few_rounds():
+    """Confident scores, never accepted: after two rounds even bins never seen are rated far below the scores."""
+    model = Acceptance()
+    depths = np.repeat(np.arange(1, 5), 4)
+    for _ in range(2):
+        model.observe(np.full(16, -0.3), depths, np.zeros(16, bool))
+    unseen = np.full(4, -1.2)  # another bin at the same depths
+    assert np.all(model.prob(unseen, np.arange(1, 5)) < 0.25 * np.exp(-1.2))
+    assert np.all(model.prob(unseen, np.arange(6, 10)) < 0.5 * np.exp(-1.2)), "deeper: the drafter's overall record"
+    fresh = Acceptance()
+    assert fresh.prob(unseen, np.arange(1, 5)) == pytest.approx(np.exp(-1.2)), "nothing seen: the drafter's scores"
+
+
+def test_sizes_chosen_rarely_keep_what_they_measured():
+    costs = CostModel(per_size=4)
+    costs.add(64, 100, 0.05)
+    for i in range(1000):  # a long spell of plain steps
+        costs.add(1, 100 + i % 10, 0.01)
+    assert costs.count(64) == 1 and costs.count(1) == 4
+    assert costs.predict([64], 100)[0] == pytest.approx(0.05, rel=0.01)
+    assert Tuner(Knowledge(costs=costs)).probes == [4, 16], "measured once: not probed again"

@@ -40,34 +40,40 @@ class CostModel:
 
     One intercept ``c_n`` per measured size (machines are not smooth in n: a BLAS kernel may make 12 rows dearer
     than 16) and an attention term linear in the context, shared by all sizes, each query row reading every
-    cached key. Fitted by weighted least squares over the last ``capacity`` observations, older ones weighing
-    ``decay`` less per observation, so that costs that drift (a loaded machine, a cache grown cold) are followed.
-    Sizes never measured are interpolated linearly in n between measured neighbours."""
+    cached key. Fitted by weighted least squares over the last ``per_size`` observations of each size, each
+    weighing ``decay`` less for every later observation (of any size), so that costs that drift (a loaded machine,
+    a cache grown cold) are followed, while sizes chosen rarely keep what they last measured. Sizes never measured
+    are interpolated linearly in n between measured neighbours."""
 
     CTX_UNIT = 1024.0  # context in units of 1024 tokens keeps the normal equations well scaled
     MIN_SPREAD = 64.0  # tokens of context spread (within sizes) before the slopes are fitted
 
-    def __init__(self, capacity: int = 256, decay: float = 0.99):
-        self.observations: deque[tuple[int, float, float]] = deque(maxlen=capacity)
-        self._counts: Counter[int] = Counter()  # observations per size
+    def __init__(self, per_size: int = 32, decay: float = 0.99):
+        self.per_size = per_size
+        self.by_size: dict[int, deque[tuple[int, float, float]]] = {}  # size → (index, ctx, seconds), oldest first
+        self.added = 0  # observations ever added: each one's index, for its age
         self.decay = decay
         self._fit: tuple[np.ndarray, np.ndarray, float, float] | None = None
 
     def add(self, n: int, ctx: int, seconds: float) -> None:
         if not (np.isfinite(seconds) and seconds > 0):
             return
-        if len(self.observations) == self.observations.maxlen:
-            self._counts[self.observations[0][0]] -= 1
-        self.observations.append((int(n), float(ctx), float(seconds)))
-        self._counts[int(n)] += 1
+        self.by_size.setdefault(int(n), deque(maxlen=self.per_size)).append((self.added, float(ctx), float(seconds)))
+        self.added += 1
         self._fit = None
 
     def count(self, n: int) -> int:
-        return self._counts[n]
+        return len(self.by_size.get(n, ()))
 
     @property
     def sizes(self) -> list[int]:
-        return sorted(n for n, c in self._counts.items() if c > 0)
+        return sorted(self.by_size)
+
+    @property
+    def observations(self) -> list[tuple[int, float, float]]:
+        """(n, ctx, seconds) of every observation kept, oldest first."""
+        rows = sorted((i, n, ctx, s) for n, q in self.by_size.items() for i, ctx, s in q)
+        return [(n, ctx, s) for _, n, ctx, s in rows]
 
     def fit(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(sizes, intercepts c_n, β, α): seconds, and seconds per 1024 context tokens (α: per node too).
@@ -76,11 +82,11 @@ class CostModel:
         are told apart from the intercepts only by that spread, and noise would otherwise make them up); until
         then, and if the fit is not physical (a negative cost), each size's cost is its weighted mean."""
         if self._fit is None:
-            obs = np.array(self.observations, dtype=np.float64).reshape(-1, 3)
+            rows = np.array([(n, i, ctx, y) for n, q in self.by_size.items() for i, ctx, y in q], dtype=np.float64)
             sizes = np.array(self.sizes)
-            n, ctx, y = obs[:, 0], obs[:, 1] / self.CTX_UNIT, obs[:, 2]
+            n, age, ctx, y = rows[:, 0], self.added - 1 - rows[:, 1], rows[:, 2] / self.CTX_UNIT, rows[:, 3]
             onehot = (n[:, None] == sizes[None]).astype(np.float64)
-            w = self.decay ** np.arange(len(y))[::-1]
+            w = self.decay ** np.minimum(age, 1000)  # (a size unused for 1000 rounds keeps a weight all the same)
             per_size = (onehot * w[:, None]).sum(0)
             means = (onehot * (w * y)[:, None]).sum(0) / per_size
             self._fit = (sizes, means, 0.0, 0.0)
@@ -109,29 +115,35 @@ class CostModel:
 
     def state(self, per_size: int = 8) -> list[list[float]]:
         """The latest ``per_size`` observations of each size, oldest first: what a cache file keeps."""
-        kept, seen = [], Counter()
-        for n, ctx, s in reversed(self.observations):
-            if seen[n] < per_size:
-                kept.append([n, ctx, s])
-                seen[n] += 1
-        return kept[::-1]
+        keep = {(n, i) for n, q in self.by_size.items() for i, _, _ in list(q)[-per_size:]}
+        rows = sorted((i, n, ctx, s) for n, q in self.by_size.items() for i, ctx, s in q if (n, i) in keep)
+        return [[n, ctx, s] for _, n, ctx, s in rows]
 
 
 class Acceptance:
     """P(a node is on the accepted path), from its draft path probability p and its depth.
 
-    A drafter's scores are not acceptance probabilities: calibrated online, per depth and per bin of log p,
-    as the observed rate of acceptance of the verified nodes of that bin, shrunk towards p itself while the bin
-    has seen few nodes: ``q = (accepted + w·p) / (seen + w)``. Copies from the context have no score: a copied
-    node's probability is the rate observed at its position along the copy (shrunk towards ``COPY_PRIOR``)."""
+    A drafter's scores are not acceptance probabilities: calibrated online, per depth and per bin of log p, as
+    the observed rate of acceptance of the verified nodes of that bin, shrunk, while the bin has seen few nodes,
+    towards p scaled by how its depth's nodes fared against their scores (itself shrunk towards all depths'):
+
+        g   = (Σ accepted + W) / (Σ p + W)                    all verified nodes
+        f_d = (Σ_d accepted + W·g) / (Σ_d p + W)              the nodes of depth d
+        q   = (accepted_db + w·f_d·p) / (seen_db + w)         the nodes of depth d in p's bin b
+
+    so that a drafter whose scores mean little (an untrained one) is found out after a round or two, long before
+    each of its bins has been seen. Copies from the context have no score: a copied node's probability is the rate
+    observed at its position along the copy (shrunk towards ``COPY_PRIOR``)."""
 
     EDGES = np.array([-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1])  # log p
-    PRIOR = 2.0  # pseudo-nodes of the drafter's own p in every bin
+    PRIOR = 2.0  # w: pseudo-nodes of the depth-scaled p in every bin
+    MASS = 1.0  # W: pseudo-acceptances behind the depth and overall factors
     COPY_PRIOR = (0.5, 1.0)  # (rate, pseudo-nodes) of a copied position never seen
 
     def __init__(self, depths: int = 64, copy_length: int = 64, decay: float = 0.998):
         self.seen = np.zeros((depths + 1, len(self.EDGES) + 1))
         self.accepted = np.zeros_like(self.seen)
+        self.mass = np.zeros(depths + 1)  # Σ p of the verified nodes per depth
         self.copy_seen = np.zeros(copy_length + 1)
         self.copy_accepted = np.zeros(copy_length + 1)
         self.decay = decay
@@ -139,9 +151,15 @@ class Acceptance:
     def _cells(self, logp: np.ndarray, depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.minimum(depths, len(self.seen) - 1), np.searchsorted(self.EDGES, logp)
 
+    def factors(self) -> np.ndarray:
+        """f_d: observed over predicted acceptance per depth."""
+        accepted = self.accepted.sum(1)
+        g = (accepted.sum() + self.MASS) / (self.mass.sum() + self.MASS)
+        return (accepted + self.MASS * g) / (self.mass + self.MASS)
+
     def prob(self, logp: np.ndarray, depths: np.ndarray) -> np.ndarray:
         d, b = self._cells(np.asarray(logp), np.asarray(depths))
-        p = np.exp(np.minimum(logp, 0.0))
+        p = np.minimum(np.exp(np.minimum(logp, 0.0)) * self.factors()[d], 1.0)
         return (self.accepted[d, b] + self.PRIOR * p) / (self.seen[d, b] + self.PRIOR)
 
     def copy_prob(self, positions: np.ndarray) -> np.ndarray:
@@ -152,11 +170,13 @@ class Acceptance:
     def observe(self, logp: np.ndarray, depths: np.ndarray, accepted: np.ndarray,
                 copy_positions: np.ndarray = np.zeros(0, np.int64), copy_accepted: np.ndarray = np.zeros(0, bool)):
         """One round: the verified drafted nodes (root excluded) and the new copied ones, each accepted or not."""
-        for table in (self.seen, self.accepted, self.copy_seen, self.copy_accepted):
+        for table in (self.seen, self.accepted, self.mass, self.copy_seen, self.copy_accepted):
             table *= self.decay
-        d, b = self._cells(np.asarray(logp), np.asarray(depths))
+        logp = np.asarray(logp, dtype=np.float64)
+        d, b = self._cells(logp, np.asarray(depths))
         np.add.at(self.seen, (d, b), 1.0)
         np.add.at(self.accepted, (d, b), np.asarray(accepted, dtype=np.float64))
+        np.add.at(self.mass, d, np.exp(np.minimum(logp, 0.0)))
         j = np.minimum(copy_positions, len(self.copy_seen) - 1)
         np.add.at(self.copy_seen, j, 1.0)
         np.add.at(self.copy_accepted, j, np.asarray(copy_accepted, dtype=np.float64))
@@ -209,6 +229,7 @@ class Knowledge:
     acceptance: Acceptance = field(default_factory=Acceptance)
     draft_seconds: float | None = None  # EMA of a round's drafting time
     drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
+    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
 
     def add_draft(self, seconds: float, ema: float = 0.2) -> None:
         self.draft_seconds = seconds if self.draft_seconds is None else (1 - ema) * self.draft_seconds + ema * seconds
@@ -236,9 +257,11 @@ class Tuner:
     def __init__(self, knowledge: Knowledge | None = None, max_size: int = 64):
         self.knowledge = knowledge or Knowledge()
         self.limit(max_size)
-        self.warm = False
+        # The first round of a process warms up (kernels, caches): it is neither timed nor, where nothing is known
+        # yet, chosen. A generation that goes on from what is known chooses from its first round.
+        self.warm = bool(self.knowledge.costs.count(1))
+        self.timed = False
         self.plain_streak, self.backoff = 0, 1
-        self.recent: deque[int] = deque(maxlen=16)
         self.capped = False  # the last drafted round chose all its draft could give
         self._planned = float("nan")  # the seconds the last plan predicted
         self.chosen: Counter[int] = Counter()  # budgets of the verified rounds; 1: the root alone
@@ -265,9 +288,9 @@ class Tuner:
     def draft_size(self) -> int:
         """The budget to draft (how many head rows the drafter computes, ``drafting.head_rows``, which costs):
         the largest of the recent choices, one candidate more when the last choice took the whole draft."""
-        if not self.warm or self.probes or not self.recent:
+        if not self.warm or self.probes or not self.knowledge.recent:
             return self.max_size
-        i = next((i for i, n in enumerate(self.candidates) if n >= max(self.recent)), len(self.candidates) - 1)
+        i = next((i for i, n in enumerate(self.candidates) if n >= max(self.knowledge.recent)), len(self.candidates) - 1)
         return self.candidates[min(i + self.capped, len(self.candidates) - 1)]
 
     def wants_draft(self, ctx: int, copy_positions: np.ndarray = np.zeros(0, np.int64)) -> bool:
@@ -299,7 +322,7 @@ class Tuner:
         k = self.knowledge
         if draft_seconds is None:
             draft_seconds = 0.0
-        elif self.warm and self.probes:
+        elif self.timed and self.probes:  # (the first round is not timed: no probe there)
             n = self.probes.pop(0)
             return Plan(n, 0, float("nan"), float("nan"))
         elif k.draft_seconds is not None:
@@ -325,14 +348,14 @@ class Tuner:
             self.plain_steps += 1
         if accepted is not None:
             k.acceptance.observe(*accepted)
-        if not self.warm:  # the first round pays for warming up: not a cost to learn
-            self.warm = True
+        if not self.timed:  # the first round pays for warming up: not a cost to learn
+            self.warm = self.timed = True
             return
         k.costs.add(size, ctx, verify_seconds)
         if drafted:
-            self.recent.append(size)
             k.add_draft(draft_seconds)
-            if np.isfinite(self._planned):  # (not a probe)
+            if np.isfinite(self._planned):  # a choice (not the warm-up or a probe)
+                self.knowledge.recent.append(size)
                 k.add_drafted(tokens, self._planned)
 
     def summary(self) -> str:
