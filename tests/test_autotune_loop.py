@@ -138,8 +138,8 @@ def test_generate_reports_the_budgets_auto_chose(tmp_path, capsys, monkeypatch):
 
 def test_plain_steps_defer_the_drafters_context_and_a_reused_prompt_cache_stays_exact(tokenizer, monkeypatch):
     """Rounds without drafting leave the drafter's context to the next drafted round (one append for all of
-    them); a prompt cache left behind holds the drafter's context only that far, and the next generation from it
-    is still exact."""
+    them) or the generation's end; a prompt cache left behind holds all of it, and the next generation from it
+    reuses it all and is still exact."""
     from treeflash_mlx import make_prompt_cache
     from treeflash_mlx.drafter import Drafter
 
@@ -156,14 +156,24 @@ def test_plain_steps_defer_the_drafters_context_and_a_reused_prompt_cache_stays_
     report = drafting.tuner.report()
     drafted = round(report["rounds"] * (1 - report["plain_step_fraction"]))
     assert report["plain_step_fraction"] > 0.5
-    # the prefill, then each drafted round's own and the one flush of what waited before it: not one per round
-    assert len(appends) <= 1 + 2 * drafted < 1 + report["rounds"]
-    assert sum(appends) == cache.drafter_length <= len(cache.tokens)
+    # the prefill, each drafted round's own and the one flush of what waited before it, the end's: not one per round
+    assert len(appends) <= 2 + 2 * drafted < 1 + report["rounds"]
+    assert sum(appends) == cache.drafter_length == len(cache.tokens)
     follow = prompt + reference[:-1] + [3, 4, 5]
     want = mlx_lm_greedy(target, follow, 30)
     drafting.tuner = autotune.Tuner(drafting.tuner.knowledge, 64)
     drafting.truth = follow + want
     got = [r.token for r in stream_generate(target, tokenizer, follow, 30, drafter=drafting, prompt_cache=cache)]
-    assert got == want and cache.reused > 0
+    assert got == want and cache.reused == len(prompt + reference) - 1
     ours = [r.token for r in stream_generate(target, tokenizer, follow, 30, drafter=drafter, prompt_cache=cache)]
     assert ours == want, "the real drafter, drafting from the cache's context"
+    stopped = stream_generate(target, tokenizer, follow + want, 40, drafter=drafting, prompt_cache=cache)
+    for _ in zip(range(20), stopped):  # the caller stops early
+        pass
+    stopped.close()
+    assert cache.drafter_length == len(cache.tokens)
+    from treeflash_mlx.speculative import generate_step
+
+    for _ in generate_step(follow + want + [9], target, drafting, prompt_cache=cache, max_tokens=40):
+        pass  # run to its own end
+    assert cache.drafter_length == len(cache.tokens)

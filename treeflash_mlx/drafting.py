@@ -285,6 +285,10 @@ class Drafting:
     def observe(self, tree: DraftTree, path: list[int]) -> None:
         """Called once a round's ``tree`` is verified, ``path`` its accepted nodes (the root first)."""
 
+    def end(self, cache: list) -> None:
+        """Called when a generation ends (or its caller stops it): the drafter ``cache`` must then hold the
+        context of every committed position, as a prompt cache left behind expects."""
+
 
 class DrafterDrafting(Drafting):
     """Drafting with a block drafter: chain (DFlash), marginal tree (DDTree) or TreeFlash tree."""
@@ -369,9 +373,8 @@ class AutoDrafting(DrafterDrafting):
 
     def append_context(self, features: mx.array, cache: list) -> None:
         """After rounds without drafting, the drafter's context waits: their features are appended in one pass
-        when a round drafts again (or ``DEFER_LIMIT`` positions have waited), so that plain steps cost what a
-        plain step costs. A prompt cache left behind then holds the drafter's context up to where it was appended
-        (``PromptCache.drafter_length``), and a next generation prefills the rest again."""
+        when a round drafts again, ``DEFER_LIMIT`` positions have waited or the generation ends (``end``), so that
+        plain steps cost what a plain step costs."""
         if not self._defer:
             self._flush(cache)
             return super().append_context(features, cache)
@@ -382,6 +385,9 @@ class AutoDrafting(DrafterDrafting):
         self._deferred[1].append(features)
         if sum(f.shape[0] for f in self._deferred[1]) >= self.DEFER_LIMIT:
             self._flush(cache)
+
+    def end(self, cache: list) -> None:
+        self._flush(cache)
 
     def _flush(self, cache: list) -> None:
         if self._deferred is not None and self._deferred[0] is cache and self._deferred[1]:

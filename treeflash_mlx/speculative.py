@@ -213,8 +213,13 @@ def generate_step(
         history.extend(c.token for c in new)
         ends = (limit is not None and emitted >= limit) or any(c.token in stop_tokens for c in new)
         pending = None if ends else drafting.start(history, cache.drafter, timer)
-        yield new
+        try:
+            yield new
+        except GeneratorExit:  # the caller stopped: what the drafting left waiting goes into the cache
+            drafting.end(cache.drafter)
+            raise
         if ends:
+            drafting.end(cache.drafter)
             return
 
         round_index += 1
