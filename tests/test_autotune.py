@@ -186,7 +186,7 @@ def learnt(n_obs=40) -> Knowledge:
     k = Knowledge()
     for i in range(n_obs):
         k.costs.add(CANDIDATES[i % len(CANDIDATES)], 100 + i, 0.01 + 0.001 * (i % 5))
-    k.draft_seconds = 0.004
+    k.add_draft(0.004)
     return k
 
 
@@ -285,3 +285,14 @@ def test_sizes_chosen_rarely_keep_what_they_measured():
     assert costs.count(64) == 1 and costs.count(1) == 4
     assert costs.predict([64], 100)[0] == pytest.approx(0.05, rel=0.01)
     assert Tuner(Knowledge(costs=costs)).probes == [4, 16], "measured once: not probed again"
+
+
+def test_stalls_of_a_busy_machine_are_not_taken_for_costs():
+    costs, knowledge = CostModel(), Knowledge()
+    rng = np.random.default_rng(9)
+    for i in range(200):
+        stall = 20.0 if rng.random() < 0.1 else 1.0  # one round in ten stalls (another process ran)
+        costs.add(8, 500, 0.01 * stall)
+        knowledge.add_draft(0.004 * stall)
+    assert costs.predict([8], 500)[0] < 0.0125, "a mean with the stalls in would be 0.029"
+    assert knowledge.draft_seconds == pytest.approx(0.004)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 import time
 from collections import Counter, OrderedDict, deque
@@ -55,9 +56,13 @@ class CostModel:
         self.decay = decay
         self._fit: tuple[np.ndarray, np.ndarray, float, float] | None = None
 
+    OUTLIER = 2.0  # a time beyond this multiple of the prediction counts as that multiple (a stall, not a cost)
+
     def add(self, n: int, ctx: int, seconds: float) -> None:
         if not (np.isfinite(seconds) and seconds > 0):
             return
+        if self.count(n) >= 3:
+            seconds = min(seconds, self.OUTLIER * float(self.predict([n], ctx)[0]))
         self.by_size.setdefault(int(n), deque(maxlen=self.per_size)).append((self.added, float(ctx), float(seconds)))
         self.added += 1
         self._fit = None
@@ -227,12 +232,18 @@ class Knowledge:
 
     costs: CostModel = field(default_factory=CostModel)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    draft_seconds: float | None = None  # EMA of a round's drafting time
+    drafts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last drafting times, seconds
     drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
 
-    def add_draft(self, seconds: float, ema: float = 0.2) -> None:
-        self.draft_seconds = seconds if self.draft_seconds is None else (1 - ema) * self.draft_seconds + ema * seconds
+    def add_draft(self, seconds: float) -> None:
+        if np.isfinite(seconds) and seconds >= 0:
+            self.drafts.append(seconds)
+
+    @property
+    def draft_seconds(self) -> float | None:
+        """A round's drafting time: the median of the last ones (a busy machine's stalls are outliers, not cost)."""
+        return float(np.median(self.drafts)) if self.drafts else None
 
     def add_drafted(self, tokens: int, seconds: float, ema: float = 0.25) -> None:
         old = self.drafted or (float(tokens), seconds)
@@ -326,7 +337,7 @@ class Tuner:
             n = self.probes.pop(0)
             return Plan(n, 0, float("nan"), float("nan"))
         elif k.draft_seconds is not None:
-            draft_seconds = k.draft_seconds  # the mean: this round's own time is noisier
+            draft_seconds = k.draft_seconds  # the median: this round's own time is noisier
         if not self.warm or not k.costs.count(1):
             return Plan(min(16, self.max_size) if len(tree_logp) else 1, 0, float("nan"), float("nan"))
         tree_gains = k.acceptance.prob(tree_logp, tree_depths)
@@ -378,6 +389,11 @@ CACHE_ENTRIES = 16  # model pairs × machines remembered; the least recently use
 CACHE_ENV = "TREEFLASH_AUTOTUNE_CACHE"  # the cache file; empty: none
 _PROCESS: OrderedDict[str, Knowledge] = OrderedDict()  # this process's setups, most recent last
 PROCESS_ENTRIES = 8
+
+
+def machine(device: str) -> str:
+    """This machine as the cache file tells machines apart: architecture, processor, cores and the MLX device."""
+    return f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores, {device}"
 
 
 def cache_path() -> Path | None:
@@ -440,7 +456,8 @@ def knowledge_for(key: str, path: Path | None) -> Knowledge:
     if entry:
         for n, ctx, seconds in entry["costs"]:
             knowledge.costs.add(int(n), float(ctx), float(seconds))
-        knowledge.draft_seconds = entry.get("draft")
+        if entry.get("draft") is not None:
+            knowledge.add_draft(float(entry["draft"]))
     _PROCESS[key] = knowledge
     while len(_PROCESS) > PROCESS_ENTRIES:
         _PROCESS.popitem(last=False)

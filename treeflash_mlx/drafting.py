@@ -7,8 +7,6 @@ the caller goes on), and ``finish_draft`` takes the small tables across to numpy
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
@@ -456,17 +454,6 @@ class AutoDrafting(DrafterDrafting):
         raise error
 
 
-def machine() -> str:
-    """This machine as the cache file tells machines apart: architecture, cores and the MLX device."""
-    device = str(mx.default_device())
-    try:
-        if mx.default_device() != mx.cpu:
-            device += " " + str(mx.metal.device_info().get("device_name", ""))
-    except (AttributeError, RuntimeError):
-        pass
-    return f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores, {device}"
-
-
 def auto_drafting(drafter: Drafter, target: Target, opts: DraftOptions) -> AutoDrafting:
     """An ``AutoDrafting`` that goes on from what this process (or, for models loaded from disk, the cache file)
     has learnt of this pair and settings on this machine."""
@@ -475,7 +462,10 @@ def auto_drafting(drafter: Drafter, target: Target, opts: DraftOptions) -> AutoD
     paths = getattr(target.model, "model_path", None), getattr(drafter, "path", None)
     if None in paths:  # built in memory: known to this process only
         return AutoDrafting(drafter, target, opts, autotune.knowledge_for(f"{id(target.model)} {id(drafter)} {setup}", None))
-    key = f"{paths[0]} | {paths[1]} | {setup} | {machine()}"
+    device = str(mx.default_device())
+    if mx.default_device() != mx.cpu and hasattr(mx, "metal"):
+        device += " " + str(mx.metal.device_info().get("device_name", ""))
+    key = f"{paths[0]} | {paths[1]} | {setup} | {autotune.machine(device)}"
     return AutoDrafting(drafter, target, opts, autotune.knowledge_for(key, autotune.cache_path()), key)
 
 
