@@ -296,3 +296,29 @@ def test_stalls_of_a_busy_machine_are_not_taken_for_costs():
         knowledge.add_draft(0.004 * stall)
     assert costs.predict([8], 500)[0] < 0.0125, "a mean with the stalls in would be 0.029"
     assert knowledge.draft_seconds == pytest.approx(0.004)
+
+
+def test_probes_and_the_warm_up_teach_costs_but_are_not_taken_for_choices():
+    logp, depths = np.full(63, -0.5), np.arange(63) // 4 + 1
+
+    def round_(tuner):
+        p = tuner.choose(logp, depths, np.zeros(0, np.int64), 100, 0.004)
+        tuner.observe(p.size, True, 3, 100, 0.004, true_cost(p.size, 100))
+        return p
+
+    tuner = Tuner(Knowledge())
+    for _ in range(1 + len(autotune.PROBES)):
+        round_(tuner)
+    assert sorted(tuner.knowledge.costs.sizes) == sorted(autotune.PROBES), "the warm-up is not timed"
+    assert list(tuner.knowledge.recent) == [] and tuner.knowledge.drafted is None
+    p = round_(tuner)
+    assert list(tuner.knowledge.recent) == [p.size] and tuner.knowledge.drafted is not None
+    # Costs known for plain steps only: the first round plans (untimed), the next ones probe the other sizes.
+    knowledge = Knowledge()
+    for _ in range(3):
+        knowledge.costs.add(1, 100, true_cost(1, 100))
+    tuner = Tuner(knowledge)
+    assert tuner.warm and tuner.probes == [4, 16, 64]
+    first = round_(tuner)
+    probes = [round_(tuner).size for _ in range(3)]
+    assert probes == [4, 16, 64] and list(knowledge.recent) == [], (first, list(knowledge.recent))

@@ -331,6 +331,7 @@ class Tuner:
         order (none: not drafted, ``draft_seconds`` None), ``copy_positions`` the positions along the copy of the
         nodes a copy would add."""
         k = self.knowledge
+        self._planned = float("nan")  # (stays so for the warm-up and the probes: no choice of the model's)
         if draft_seconds is None:
             draft_seconds = 0.0
         elif self.timed and self.probes:  # (the first round is not timed: no probe there)
