@@ -7,6 +7,7 @@ the caller goes on), and ``finish_draft`` takes the small tables across to numpy
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
@@ -465,7 +466,8 @@ def auto_drafting(drafter: Drafter, target: Target, opts: DraftOptions) -> AutoD
     device = str(mx.default_device())
     if mx.default_device() != mx.cpu and hasattr(mx, "metal"):
         device += " " + str(mx.metal.device_info().get("device_name", ""))
-    key = f"{paths[0]} | {paths[1]} | {setup} | {autotune.machine(device)}"
+    model, drafter_path = (os.path.realpath(p) for p in paths)  # one key whatever the directory it is run from
+    key = f"{model} | {drafter_path} | {setup} | {autotune.machine(device)}"
     return AutoDrafting(drafter, target, opts, autotune.knowledge_for(key, autotune.cache_path()), key)
 
 
