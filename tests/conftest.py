@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["TREEFLASH_AUTOTUNE_CACHE"] = ""  # --tree-size auto: no cache file outside the tests' own
 
 import treeflash_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx)
 import mlx.core as mx  # noqa: E402

@@ -9,6 +9,7 @@ import pytest
 from conftest import save_drafter, save_target, tiny_drafter, tiny_target
 
 import treeflash_mlx.benchmark as benchmark
+from treeflash_mlx import autotune
 from treeflash_mlx.loading import humaneval_messages
 from treeflash_mlx.benchmark import main
 from treeflash_mlx.convert import export
@@ -46,18 +47,22 @@ def test_every_mode_is_reported_and_lossless(models, tmp_path, capsys):
     assert table.count("| yes |") == 5 and "verify cost / one mlx-lm step" in table
 
 
-def test_tree_size_auto_reports_its_choice_against_fixed_sizes(models, tmp_path, capsys, monkeypatch):
+def test_tree_size_auto_runs_the_generation_mechanism_beside_fixed_sizes(models, tmp_path, capsys, monkeypatch):
     calls, real = [], benchmark.run_ours
     monkeypatch.setattr(benchmark, "run_ours", lambda *a, **k: calls.append((a[7], a[8])) or real(*a, **k))
-    table, report = bench(capsys, models, tmp_path, "--modes", "treeflash", "--tree-size", "auto")
-    # The choice comes from 64-node rounds cut to each budget: drafted without copies, which a cut would lose.
-    assert {(s["tree_size"], s["draft_lookup"]) for s, profile in calls if profile} >= {(64, 0)}
-    assert {s["draft_lookup"] for s, profile in calls if not profile} == {15}
-    choice = report["tree_size_auto"]
-    assert choice["tree_size"] in (4, 8, 12, 16, 24, 32, 48, 64)
-    assert [r["mode"] for r in report["results"]] == ["ar", "treeflash", "treeflash@16", "treeflash@32", "treeflash@64"]
-    assert report["results"][1]["tree_size"] == choice["tree_size"]
-    assert "--tree-size auto chose" in table
+    table, report = bench(capsys, models, tmp_path, "--modes", "treeflash,treeflash@16,marginal@auto",
+                          "--tree-size", "8")
+    # No separate profiling run: auto's timed runs choose as generation does, each round.
+    assert {s["tree_size"] for s, _ in calls} == {8, 16, "auto"}
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == ["ar", "treeflash", "treeflash@16", "marginal@auto"]
+    assert rows["treeflash"]["tree_size"] == 8 and rows["marginal@auto"]["tree_size"] == "auto"
+    auto = rows["marginal@auto"]["tree_size_auto"]
+    assert sum(auto["tree_sizes"].values()) == len(rows["marginal@auto"]["taus"]), "every timed round counted"
+    assert {int(n) for n in auto["tree_sizes"]} <= set(autotune.CANDIDATES) and 0 <= auto["plain_step_fraction"] <= 1
+    assert "tree_size_auto" not in rows["treeflash@16"] and rows["marginal@auto"]["ideal_speedup"] is None
+    assert all(r["lossless"] for r in rows.values())
+    assert "--tree-size auto in marginal@auto: budgets chosen (rounds) " in table
 
 
 def test_a_mismatch_is_reported_loudly(models, tmp_path, capsys, monkeypatch):
@@ -78,7 +83,7 @@ def test_a_mismatch_is_reported_loudly(models, tmp_path, capsys, monkeypatch):
 def test_bad_options_fail_clearly(models, capsys):
     assert main(["--model", str(models[0]), "--modes", "ar,warp"]) == 1
     assert "unknown mode 'warp'" in capsys.readouterr().err
-    for bad in ("chain@8", "treeflash@0", "treeflash@fast"):
+    for bad in ("chain@8", "treeflash@0", "treeflash@fast", "treeflash@8+16", "treeflash@8+nolookup+nolookup"):
         assert main(["--model", str(models[0]), "--modes", bad]) == 1
         assert f"mode '{bad}': only marginal and treeflash take a variant" in capsys.readouterr().err
     assert main(["--model", str(models[0]), "--modes", "ar@nolookup"]) == 1
@@ -97,10 +102,12 @@ def test_published_settings_run_beside_the_device_defaults(models, tmp_path, cap
 
 
 def test_copies_from_the_context_can_be_left_out_beside_the_defaults(models, tmp_path, capsys):
-    table, report = bench(capsys, models, tmp_path, "--modes", "treeflash,treeflash@nolookup,chain@nolookup")
+    table, report = bench(capsys, models, tmp_path, "--modes",
+                          "treeflash,treeflash@nolookup,chain@nolookup,treeflash@8+nolookup")
     rows = {r["mode"]: r for r in report["results"]}
-    assert list(rows) == ["ar", "treeflash", "treeflash@nolookup", "chain@nolookup"]
-    assert rows["treeflash@nolookup"]["tree_size"] == rows["treeflash"]["tree_size"] == 16
+    assert list(rows) == ["ar", "treeflash", "treeflash@nolookup", "chain@nolookup", "treeflash@8+nolookup"]
+    assert rows["treeflash@8+nolookup"]["tree_size"] == 8 and rows["treeflash@8+nolookup"]["copied_rounds"] == 0
+    assert rows["treeflash@nolookup"]["tree_size"] == rows["treeflash"]["tree_size"] == "auto"
     assert all(r["lossless"] for r in rows.values())
     assert "copies from the context up to 15 tokens after 2+ matched" in table
     assert rows["treeflash@nolookup"]["copied_rounds"] == 0 < rows["treeflash"]["rounds_counted"]

@@ -37,7 +37,8 @@ def test_json_reports_everything_and_is_lossless(pair, capsys):
     assert code == 0
     result = json.loads(out)
     assert set(result) == {"text", "tokens", "acceptance_lengths", "mean_acceptance_length", "prompt_tps",
-                           "generation_tps", "peak_memory_gb", "mode", "model_path", "drafter_path"}
+                           "generation_tps", "peak_memory_gb", "mode", "model_path", "drafter_path",
+                           "tree_size_auto"}
     assert result["mode"] == "treeflash" and result["drafter_path"] == str(drafter_dir)
     assert result["model_path"] == str(target_dir) and len(result["tokens"]) == 40
     model, tokenizer, _ = load(str(target_dir))

@@ -33,8 +33,10 @@ def answered():
     return model, tokenizer, drafter, prompts, answers
 
 
-@pytest.mark.parametrize("mode,settings", [("treeflash", {}), ("treeflash", {"tree_size": 64, "draft_top_m": 16}),
-                                           ("marginal", {}), ("chain", {})])
+# A fixed budget: with --tree-size auto the trees follow the machine's timings, which a replay does not have.
+@pytest.mark.parametrize("mode,settings", [("treeflash", {"tree_size": 16}),
+                                           ("treeflash", {"tree_size": 64, "draft_top_m": 16}),
+                                           ("marginal", {"tree_size": 16}), ("chain", {})])
 def test_replayed_rounds_are_the_rounds_of_greedy_generation(answered, mode, settings):
     model, tokenizer, drafter, prompts, answers = answered
     drafting = make_drafting(drafter, Target(model), mode, **settings)

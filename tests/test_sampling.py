@@ -42,12 +42,12 @@ def exact_joint(target, temp, top_p):
     return probs
 
 
-def sample_counts(target, drafter, tokenizer, temp, top_p, n, seed):
+def sample_counts(target, drafter, tokenizer, temp, top_p, n, seed, opts=OPTS):
     mx.random.seed(seed)
     sampler = make_sampler(temp, top_p)
     counts = np.zeros((VOCAB,) * 3)
     for _ in range(n):
-        out = [r.token for r in stream_generate(target, tokenizer, PROMPT, 3, drafter=drafter, sampler=sampler, **OPTS)]
+        out = [r.token for r in stream_generate(target, tokenizer, PROMPT, 3, drafter=drafter, sampler=sampler, **opts)]
         counts[tuple(out)] += 1
     return counts
 
@@ -76,11 +76,15 @@ def hybrid_pair():
 
 
 @pytest.mark.slow  # ~4 minutes each: 20,000 generations
-@pytest.mark.parametrize("family,temp,top_p", [("qwen3", 1.0, 1.0), ("qwen3", 0.7, 0.9), ("qwen3_5", 0.7, 0.9)])
-def test_first_three_tokens_follow_the_target_distribution(request, tokenizer, family, temp, top_p):
+@pytest.mark.parametrize("family,temp,top_p,tree_size", [("qwen3", 0.7, 0.9, 10), ("qwen3", 0.7, 0.9, "auto"),
+                                                          ("qwen3_5", 1.0, 1.0, 10)])
+def test_first_three_tokens_follow_the_target_distribution(request, tokenizer, family, temp, top_p, tree_size):
+    """With auto, each round's tree (its size, a copy, or the root alone) follows the machine's timings; the
+    hybrid's trees run its Gated DeltaNet layer node by node along each node's path."""
     target, drafter = request.getfixturevalue("pair" if family == "qwen3" else "hybrid_pair")
     probs = exact_joint(target, temp, top_p)
-    counts = sample_counts(target, drafter, tokenizer, temp, top_p, N_SAMPLES, seed=0)
+    counts = sample_counts(target, drafter, tokenizer, temp, top_p, N_SAMPLES, seed=0,
+                           opts={**OPTS, "tree_size": tree_size})
     stat, df = chi_square(counts, probs)
     assert stat < threshold(df), f"chi-square {stat:.1f} with {df} degrees of freedom"
 

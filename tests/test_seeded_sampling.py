@@ -22,7 +22,8 @@ def loaded(pair):
     return load(str(pair[0]), str(pair[1]))
 
 SETTINGS = [dict(mode="ar"), dict(mode="chain"), dict(mode="marginal", tree_size=6), dict(mode="treeflash", tree_size=4),
-            dict(mode="treeflash", tree_size=12), dict(mode="treeflash", tree_size=40, draft_top_m=8, draft_vocab=32)]
+            dict(mode="treeflash", tree_size=12), dict(mode="treeflash", tree_size=40, draft_top_m=8, draft_vocab=32),
+            dict(mode="treeflash", tree_size="auto"), dict(mode="marginal", tree_size="auto", draft_lookup=4)]
 
 @pytest.mark.parametrize("sampler_args", [(1.0, 1.0, 0.0, 0), (0.8, 0.9, 0.0, 0), (0.7, 1.0, 0.05, 20)])
 def test_the_same_seed_gives_the_same_text_in_every_mode_and_tree(loaded, sampler_args):

@@ -86,14 +86,25 @@ DRAFTING_OPTIONS = ("tree_size", "draft_top_m", "draft_top_k", "draft_temp", "dr
                     "draft_lookup", "draft_lookup_match")
 
 
+def tree_size(text: str) -> int | str:
+    """``--tree-size``: a node budget or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a node count or 'auto', got {text!r}") from None
+
+
 def add_drafting_arguments(p: argparse.ArgumentParser) -> None:
     """The drafting flags that generate, chat, server and benchmark share (one name each, as in the API)."""
     from .drafting import MODES  # imported here: this module stays light for the import guard
 
     p.add_argument("--mode", choices=MODES, default=None,
                    help="drafting: treeflash (needs a head; default then), marginal (default for DFlash), chain, ar")
-    p.add_argument("--tree-size", type=int, default=None,
-                   help="tree node budget, root included (default: 64 on a GPU, 16 on the CPU backend)")
+    p.add_argument("--tree-size", type=tree_size, default=None,
+                   help="tree node budget, root included, or auto (the default): each round's budget and copy "
+                        "length chosen from measured costs and acceptance, a plain step where no tree pays")
     p.add_argument("--draft-top-m", type=int, default=None,
                    help="candidate previous tokens per depth for the head (default: 16 on a GPU, 8 on the CPU)")
     p.add_argument("--draft-top-k", type=int, default=None, help="branching: children kept per table row (16)")
@@ -107,7 +118,8 @@ def add_drafting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-sinks", type=int, default=None, help="context positions always kept with --draft-window")
     p.add_argument("--draft-lookup", type=int, default=None,
                    help="up to N tokens that followed an earlier occurrence of the last tokens join the tree "
-                        "(prompt lookup; 0: off; default: 0 on a GPU, as published, 15 on the CPU; output unchanged)")
+                        "(prompt lookup; 0: off; default 15: --tree-size auto drops them where they do not pay; "
+                        "output unchanged)")
     p.add_argument("--draft-lookup-match", type=int, default=None,
                    help="the fewest last tokens such an earlier occurrence must repeat (2)")
 

@@ -47,7 +47,7 @@ DEMO = Path(__file__).parent / "demo"
 TREE_MODES = ("marginal", "treeflash")
 ALL_MODES = ("ar", "draft-model", "chain", "marginal", "treeflash")
 PEER_MODES = {"dflash-mlx": "dflash", "dflash-mlx-ddtree": "ddtree"}  # the peer's modes: its --verify-mode
-AUTO_CANDIDATES = (4, 8, 12, 16, 24, 32, 48, 64)
+COST_SIZES = (4, 8, 12, 16, 24, 32, 48, 64)  # the verification cost curve measured for the plot
 
 
 # Long-context sources: real code any Python installation has. A prompt is one file's start (then the next
@@ -141,6 +141,7 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: d
     token (``shared_prefill``), copied, so that only that token is prefilled."""
     stats = RoundStats() if profile else None
     drafting = make_drafting(drafter, Target(model), mode, **settings)
+    tuner = getattr(drafting, "tuner", None)  # --tree-size auto: the budgets it chose
     cache = make_prompt_cache(model) if prefilled is None else prefilled.prefix_copy(len(prompt) - 1)
     mx.reset_peak_memory()
     responses = list(stream_generate(model, tokenizer, prompt, args.max_tokens, drafter=drafting, sampler=sampler,
@@ -156,6 +157,7 @@ def run_ours(model, tokenizer, drafter, prompt, mode, args, sampler, settings: d
             "nodes": [r.nodes for r in stats.rounds] if stats else [],
             "paths": [r.path for r in stats.rounds] if stats else [],
             **({"copied_rounds": sum(r.copied > 0 for r in stats.rounds)} if stats else {}),
+            **({"auto": tuner.report()} if tuner else {}),
             "stages": stats.seconds if stats else {}, "peak_memory": peak,
             "drafter_bytes": drafter_bytes(drafting) + sum(c.nbytes for c in cache.drafter or [])}
 
@@ -321,29 +323,6 @@ def kept_taus(taus: list[int], kept: int) -> list[int]:
     return out or [1]
 
 
-def auto_tree_size(runs: list[dict], costs: dict[str, float], draft_seconds: float) -> tuple[int, dict]:
-    """Pick the budget n with the best predicted speed τ(n) / (draft + verify(n)).
-
-    The best-first tree of budget n is the first n nodes of the budget-64 tree, and (greedy) each node's
-    target sample does not depend on the other nodes; so τ(n) follows from the accepted paths of budget-64
-    rounds: the accepted path cut at its first node with index >= n. Exact while budget n keeps every head
-    row; small budgets compute fewer (``drafting.head_rows``), which can change their trees, so for them the
-    prediction leans optimistic. The rounds are drafted without copies from the context (see ``compare``)."""
-    paths = [p for r in runs for p in r["paths"]]
-    table = {}
-    for n in AUTO_CANDIDATES:
-        taus = []
-        for path in paths:
-            keep = 1
-            while keep < len(path) and path[keep] < n:
-                keep += 1
-            taus.append(keep)
-        tau = float(np.mean(taus))
-        table[n] = {"tau": tau, "predicted_speedup": tau * costs["step"] / (draft_seconds + costs[f"tree{n}"])}
-    best = max(table, key=lambda n: table[n]["predicted_speedup"])
-    return best, table
-
-
 def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[dict], step_seconds: float,
               verify_seconds: float, temp: float) -> dict:
     """One row of the report from the timed ``runs`` and the ``profiles`` (profiled runs: time split, tree
@@ -365,7 +344,22 @@ def summarize(mode: str, runs: list[dict], profiles: list[dict], ar_runs: list[d
             "tokens_per_s_per_prompt": [r["generated"] / r["seconds"] for r in runs],
             "peak_memory_gb": max(r["peak_memory"] for r in runs) / 1e9,
             "drafter_mb": max(r["drafter_bytes"] for r in runs) / 1e6,
-            **copies(profiles or runs)}
+            **copies(profiles or runs), **auto_choices(runs)}
+
+
+def auto_choices(runs: list[dict]) -> dict:
+    """With --tree-size auto: the budgets its timed runs chose (a histogram over rounds; 1: the root alone) and
+    the fraction of rounds that were plain steps."""
+    reports = [r["auto"] for r in runs if "auto" in r]
+    if not reports:
+        return {}
+    histogram: dict[int, int] = {}
+    for report in reports:
+        for n, count in report["tree_sizes"].items():
+            histogram[n] = histogram.get(n, 0) + count
+    rounds = sum(r["rounds"] for r in reports)
+    plain = sum(r["plain_step_fraction"] * r["rounds"] for r in reports) / max(rounds, 1)
+    return {"tree_size_auto": {"tree_sizes": dict(sorted(histogram.items())), "plain_step_fraction": plain}}
 
 
 def copies(runs: list[dict]) -> dict:
@@ -439,18 +433,27 @@ def base_mode(mode: str) -> str:
     return mode.split("@")[0]
 
 
+def variant_parts(mode: str) -> tuple[str, bool]:
+    """A mode's variant split in its tree part (N, auto, published or '') and whether it has no copies:
+    ``treeflash@16+nolookup`` is ("16", True)."""
+    parts = [p for p in mode.partition("@")[2].split("+") if p]
+    return next((p for p in parts if p != "nolookup"), ""), "nolookup" in parts
+
+
 def check_modes(modes: list[str]) -> None:
     for m in modes:
-        base, _, variant = m.partition("@")
+        base, variant = m.partition("@")[0], m.partition("@")[2]
+        tree, nolookup = variant_parts(m)
         if base not in ALL_MODES and m not in PEER_MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join([*ALL_MODES, *PEER_MODES])} (tree modes "
-                             "may add @N or @published)")
-        if variant == "nolookup" and base not in ("chain", *TREE_MODES):
+                             "may add @N, @auto or @published)")
+        if nolookup and base not in ("chain", *TREE_MODES):
             raise ValueError(f"mode {m!r}: only chain, {' and '.join(TREE_MODES)} take @nolookup")
-        if variant not in ("", "nolookup") and (base not in TREE_MODES
-                                                or not (variant == "published" or variant.isdigit() and int(variant))):
-            raise ValueError(f"mode {m!r}: only {' and '.join(TREE_MODES)} take a variant @N (a budget >= 1) "
-                             "or @published")
+        parts = variant.split("+") if variant else []
+        if (tree and (base not in TREE_MODES or not (tree in ("published", "auto") or tree.isdigit() and int(tree))))\
+                or len(parts) != len(set(parts)) or len([p for p in parts if p != "nolookup"]) > 1:
+            raise ValueError(f"mode {m!r}: only {' and '.join(TREE_MODES)} take a variant @N (a budget >= 1), "
+                             "@auto or @published (with +nolookup: no copies, e.g. treeflash@16+nolookup)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -547,11 +550,11 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
 
     def settings(mode: str, tree_size: int) -> dict:
         """stream_generate's drafting keywords for a mode."""
-        if mode.endswith("@published"):
+        if variant_parts(mode)[0] == "published":
             p = PUBLISHED_SETTINGS
             return {"tree_size": p["tree_size"], "draft_top_m": p["top_m"], "draft_vocab": p["head_vocab"],
                     "draft_window": p["window"], "draft_lookup": p["lookup"]}
-        lookup = 0 if mode.endswith("@nolookup") else args.draft_lookup
+        lookup = 0 if variant_parts(mode)[1] else args.draft_lookup
         return {"tree_size": tree_size, "draft_top_m": args.draft_top_m, "draft_vocab": args.draft_vocab, **window,
                 "draft_lookup": lookup, "draft_lookup_match": args.draft_lookup_match}
 
@@ -579,17 +582,19 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
     vocab = Target(model).vocab_size
     sizes = set()  # the verification costs this run's modes need (tree modes: the whole curve, for the plot)
     if any(base_mode(m) in TREE_MODES for m in modes):
-        sizes = set(AUTO_CANDIDATES) | ({int(args.tree_size)} if args.tree_size != "auto" else set())
+        sizes = set(COST_SIZES) | ({int(args.tree_size)} if args.tree_size != "auto" else set())
     trees = {f"tree{n}": bushy_tree(n, vocab, rng) for n in sorted(sizes)}
     if any(base_mode(m) == "chain" for m in modes):
         trees[f"chain{B}"] = chain(0, rng.integers(0, vocab, B - 1))
     if "draft-model" in modes:
         trees[f"chain{args.num_draft_tokens + 1}"] = chain(0, rng.integers(0, vocab, args.num_draft_tokens))
-    tree_sizes = {m: 64 if args.tree_size == "auto" else int(args.tree_size) for m in modes
+    tree_sizes = {m: args.tree_size if args.tree_size == "auto" else int(args.tree_size) for m in modes
                   if base_mode(m) in TREE_MODES}
     for m in modes:
-        variant = m.partition("@")[2]
-        if variant and variant != "nolookup":
+        variant = variant_parts(m)[0]
+        if variant == "auto":
+            tree_sizes[m] = "auto"
+        elif variant:
             tree_sizes[m] = PUBLISHED_SETTINGS["tree_size"] if variant == "published" else int(variant)
             trees.setdefault(f"tree{tree_sizes[m]}", bushy_tree(tree_sizes[m], vocab, rng))
     print("measuring verification costs", file=sys.stderr)
@@ -600,29 +605,8 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
         prefix = min(prefix, len(prompts[0]) - 1)
     costs = verify_costs(model, trees, prefix, prefilled=prefilled.get(id(prompts[0])))
 
-    for m in modes:  # warm-up (kernels, caches) of the path that is timed
-        once(m, prompts[0], 64)
-    choice = None
-    if args.tree_size == "auto":
-        profile_mode = next((m for m in ("treeflash", "marginal") if m in modes), None)
-        if profile_mode is not None:
-            spread = prompts[1 :: max(1, len(prompts) // 4)]  # a spread of prompts, not just the first ones
-            profile = []
-            for p in [prompts[0], *spread]:
-                prefill(p)
-                # Without copies: a copy is grafted at the end of a tree, so cutting a 64-node tree to n nodes
-                # cannot tell what it would add to an n-node tree; the choice is the drafter's alone.
-                profile.append(once(f"{profile_mode}@nolookup", p, 64, profile=True))
-            draft_s = np.mean([sum(v for k, v in r["stages"].items() if k != "verify") / max(1, len(r["taus"]))
-                               for r in profile])
-            best, table = auto_tree_size(profile, costs, draft_s)
-            choice = {"mode": profile_mode, "tree_size": best, "candidates": table}
-            for m in modes:
-                if m in TREE_MODES or m in (f"{t}@nolookup" for t in TREE_MODES):  # other variants: their own
-                    tree_sizes[m] = best
-            modes += [f"{profile_mode}@{n}" for n in (16, 32, 64) if f"{profile_mode}@{n}" not in modes]
-            for n in (16, 32, 64):
-                tree_sizes[f"{profile_mode}@{n}"] = n
+    for m in modes:  # warm-up (kernels, caches) of the path that is timed; auto: its first costs measured
+        once(m, prompts[0], tree_sizes.get(m, 64))
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     profiles: dict[str, list[dict]] = {m: [] for m in modes}
     ours = [m for m in modes if m not in ("ar", "draft-model", *PEER_MODES)]
@@ -635,37 +619,39 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
             profiles[m].append(once(m, prompt, tree_sizes.get(m, 64), profile=True))
         print(f"prompt {i + 1}/{len(prompts)}", file=sys.stderr)
 
-    def verify_key(mode: str) -> str:
+    def verify_key(mode: str) -> str | None:
+        """The verification cost of the mode's rounds; None where it has none of its own (the peer's verify,
+        auto's budgets that change round by round)."""
+        if mode in PEER_MODES or tree_sizes.get(mode) == "auto":
+            return None
         return {"ar": "step", "draft-model": f"chain{args.num_draft_tokens + 1}", "chain": f"chain{B}"}.get(
             base_mode(mode), f"tree{tree_sizes.get(mode)}")
 
     results = [summarize(m, runs[m], profiles[m], runs["ar"], costs["step"],
-                         None if m in PEER_MODES else costs[verify_key(m)], args.temp)  # the peer's verify: its own
-               for m in modes]
+                         costs[verify_key(m)] if verify_key(m) else None, args.temp) for m in modes]
     for r in results:
         r["tree_size"] = tree_sizes.get(r["mode"])
-    return {"results": results, "verify_costs_s": costs, "verify_costs_prefix": prefix, "tree_size_auto": choice,
-            "tree_sizes": tree_sizes}
+    return {"results": results, "verify_costs_s": costs, "verify_costs_prefix": prefix, "tree_sizes": tree_sizes}
 
 
 def print_group(measured: dict, args: argparse.Namespace) -> None:
     """The table of one prompt group, the drafting settings, the auto choice and the verification costs."""
-    results, costs, choice, tree_sizes = (measured[k] for k in ("results", "verify_costs_s", "tree_size_auto",
-                                                                 "tree_sizes"))
+    results, costs, tree_sizes = (measured[k] for k in ("results", "verify_costs_s", "tree_sizes"))
     print(markdown(results))
     if tree_sizes:
         lookup = f"up to {args.draft_lookup} tokens after {args.draft_lookup_match}+ matched" if args.draft_lookup else "off"
         print(f"\ndrafting: top-m {args.draft_top_m}, head vocabulary {args.draft_vocab or 'whole'}, copies from the "
               f"context {lookup}, tree budget "
               + ", ".join(f"{m} {n}" for m, n in tree_sizes.items())
-              + (f" (@published: {PUBLISHED_SETTINGS})" if any(m.endswith("@published") for m in tree_sizes) else ""))
+              + (f" (@published: {PUBLISHED_SETTINGS})" if any(variant_parts(m)[0] == "published" for m in tree_sizes) else ""))
     copied = [f"{r['mode']} {r['copied_rounds']} of {r['rounds_counted']}" for r in results if r.get("copied_rounds")]
     if copied:
         print("\nrounds whose draft held a copy from the context (ours: in the profiled runs): " + ", ".join(copied))
-    if choice:
-        print(f"\n--tree-size auto chose {choice['tree_size']} for {choice['mode']}: "
-              + ", ".join(f"n={n}: τ {v['tau']:.2f}, predicted {v['predicted_speedup']:.2f}x"
-                          for n, v in choice["candidates"].items()))
+    for r in (r for r in results if "tree_size_auto" in r):
+        auto = r["tree_size_auto"]
+        print(f"\n--tree-size auto in {r['mode']}: budgets chosen (rounds) "
+              + ", ".join(f"{n}: {c}" for n, c in auto["tree_sizes"].items())
+              + f"; plain steps {auto['plain_step_fraction']:.0%}")
     if len(costs) > 1:
         print(f"\nverify cost / one mlx-lm step after {measured['verify_costs_prefix']} tokens: "
               + ", ".join(f"{k} {v / costs['step']:.2f}x" for k, v in costs.items() if k != "step"))
@@ -714,14 +700,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", type=Path, default=None, help="JSONL file for the set (e.g. HumanEval.jsonl)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--modes", default=",".join(ALL_MODES),
-                   help="comma-separated; tree modes may add @N (budget N) or @published (tree 64, top-m 16, "
+                   help="comma-separated; tree modes may add @N (budget N), @auto or @published (tree 64, top-m 16, "
                         "whole vocabulary, no copies), e.g. treeflash,treeflash@published; chain and tree modes "
-                        "@nolookup (no copies from the context); the peer dflash-mlx (if installed, greedy): "
+                        "@nolookup (no copies from the context; tree modes may join it to a variant: "
+                        "treeflash@16+nolookup); the peer dflash-mlx (if installed, greedy): "
                         "dflash-mlx, dflash-mlx-ddtree")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--tree-size", default=None,
-                   help="node budget for tree modes, or 'auto' (default: as generate, 64 on a GPU, 16 on the CPU)")
+                   help="node budget for tree modes, or 'auto' (the default, as generate: chosen round by round)")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="draft tokens per round for draft-model")
     p.add_argument("--draft-top-m", type=int, default=None, help="as in generate: candidate previous tokens per depth")
     p.add_argument("--draft-vocab", type=int, default=None, help="as in generate: head over the marginal top-K")

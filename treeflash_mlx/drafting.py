@@ -7,18 +7,21 @@ the caller goes on), and ``finish_draft`` takes the small tables across to numpy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from . import autotune
 from .drafter import ContextWindow, Drafter, context_window
 from .sampling import log_softmax
 from .target import Target
 from .validation import check_tree_budget, finite, integer
 from .lookup import continuation
-from .tree import DraftTree, best_first, chain, graft, root_only
+from .tree import DraftTree, best_first, chain, graft, root_only, walk
 
 MODES = ("treeflash", "marginal", "chain", "ar")
 
@@ -30,7 +33,7 @@ DEFAULT_LOOKUP_MATCH = 2  # last tokens a context copy must repeat (fewer: more 
 @dataclass
 class DraftOptions:
     mode: str = "treeflash"
-    tree_size: int = 64  # node budget, root included
+    tree_size: int = 64  # node budget, root included (with tree_size "auto": the largest a round may draft)
     top_m: int = 16  # candidate previous tokens per depth (head rows)
     top_k: int = 16  # branching: children kept per table row
     temperature: float = 1.0  # drafter temperature: shapes the tree's scores only, never the output
@@ -42,15 +45,20 @@ class DraftOptions:
 
 
 PUBLISHED_SETTINGS = {"tree_size": 64, "top_m": 16, "head_vocab": 0, "window": 0, "lookup": 0}
-CPU_SETTINGS = {"tree_size": 16, "top_m": 8, "head_vocab": 64, "window": 1024, "lookup": 15}
+GPU_SETTINGS = {"tree_size": "auto", "top_m": 16, "head_vocab": 0, "window": 0, "lookup": 15}
+CPU_SETTINGS = {"tree_size": "auto", "top_m": 8, "head_vocab": 64, "window": 1024, "lookup": 15}
+AUTO = "auto"  # tree_size: each round's budget and copy length chosen as it runs (autotune.py)
 
 
-def device_settings() -> dict[str, int]:
-    """Defaults for the budget, top-m, head vocabulary and drafter window: the published ones on a GPU (the
-    drafter sees the whole context); on the CPU backend the fastest measured on the demo pair (docs/benchmarks.md), since
-    there every verified node and the head's exp over the vocabulary cost far more, and a 1024-position drafter
-    window (with the sinks) bounds the drafter's cost on long prompts. They shape the tree only, never the output."""
-    return dict(CPU_SETTINGS if mx.default_device() == mx.cpu else PUBLISHED_SETTINGS)
+def device_settings() -> dict[str, int | str]:
+    """Defaults for the budget, top-m, head vocabulary, drafter window and copies. The budget is ``auto`` on
+    every device: measured costs and acceptance choose each round's tree and copy length, down to a plain step
+    (``AutoDrafting``). On a GPU the published head settings, the drafter seeing the whole context; on the CPU
+    backend the fastest measured on the demo pair (docs/benchmarks.md), since there the head's exp over the vocabulary costs
+    far more, and a 1024-position drafter window (with the sinks) bounds the drafter's cost on long prompts.
+    Copies from the context are offered everywhere: auto drops them where they do not pay. They shape the tree
+    only, never the output."""
+    return dict(CPU_SETTINGS if mx.default_device() == mx.cpu else GPU_SETTINGS)
 
 
 @dataclass
@@ -273,6 +281,13 @@ class Drafting:
     def check_budget(self, context: int) -> None:
         """Refuse, before any work, a round that cannot fit in memory over ``context`` tokens (none here)."""
 
+    def observe(self, tree: DraftTree, path: list[int]) -> None:
+        """Called once a round's ``tree`` is verified, ``path`` its accepted nodes (the root first)."""
+
+    def end(self, cache: list) -> None:
+        """Called when a generation ends (or its caller stops it): the drafter ``cache`` must then hold the
+        context of every committed position, as a prompt cache left behind expects."""
+
 
 class DrafterDrafting(Drafting):
     """Drafting with a block drafter: chain (DFlash), marginal tree (DDTree) or TreeFlash tree."""
@@ -304,11 +319,12 @@ class DrafterDrafting(Drafting):
 
     def start(self, history: Sequence[int], cache: list, timer=untimed):
         """The drafter's graph, started, and the context's copy for the tree (empty when off or none)."""
-        root = int(history[-1])
-        arrays = start_draft(self.drafter, self.target, root, cache, self.opts, timer, self.head)
-        o = self.opts
-        copy = continuation(np.asarray(history), o.lookup, o.lookup_match) if o.lookup else np.zeros(0, np.int64)
-        return arrays, copy
+        arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, self.opts, timer, self.head)
+        return arrays, self._copy(history, self.opts)
+
+    @staticmethod
+    def _copy(history: Sequence[int], opts: DraftOptions) -> np.ndarray:
+        return continuation(np.asarray(history), opts.lookup, opts.lookup_match) if opts.lookup else np.zeros(0, np.int64)
 
     def finish(self, root: int, pending, timer=untimed) -> DraftTree:
         """The drafted tree; a copy from the context replaces its lowest-scored nodes (``tree.graft``), and in
@@ -323,6 +339,136 @@ class DrafterDrafting(Drafting):
         o, t = self.opts, self.target
         check_tree_budget(o.tree_size, o.mode, self.drafter.args.block_size, o.top_m, o.top_k, context, t.vocab_size,
                           t.family.args.num_attention_heads, hidden_size=t.hidden_size, head_vocab=o.head_vocab)
+
+
+class _Pending(NamedTuple):
+    arrays: tuple | None  # None: a plain step, nothing drafted
+    copy: np.ndarray
+    opts: DraftOptions
+    context: int
+    seconds: float  # spent before the caller got the previous round's tokens
+
+
+class AutoDrafting(DrafterDrafting):
+    """``tree_size="auto"``: each round's budget and copy length chosen by an ``autotune.Tuner`` from the draft's
+    scores and the rounds' own timings (docs/autotune.md); a round that cannot beat a plain step is one, drafting
+    nothing. Timing adds no sync: drafting ends when its tables reach numpy, verification when its samples do.
+    ``opts.tree_size`` is the largest budget a round may draft. It shapes trees only, never the output."""
+
+    def __init__(self, drafter: Drafter, target: Target, opts: DraftOptions, knowledge: autotune.Knowledge,
+                 cache_key: str | None = None):
+        super().__init__(drafter, target, opts)
+        self.tuner = autotune.Tuner(knowledge, opts.tree_size)
+        self.cache_key = cache_key  # the cache file's entry for this pair on this machine; None: no file
+        self._round: tuple | None = None
+        self._defer = False  # the round just verified did not draft: its context features can wait
+        self._deferred: tuple[list, list[mx.array]] | None = None  # (drafter cache, features waiting for it)
+
+    DEFER_LIMIT = 256  # positions whose features may wait; then they are appended anyway (bounded memory)
+
+    def adopt(self, cache: list | None) -> list:
+        self._deferred, self._defer = None, False  # a new generation: what waited stays out (``PromptCache.fit``)
+        return super().adopt(cache)
+
+    def append_context(self, features: mx.array, cache: list) -> None:
+        """After rounds without drafting, the drafter's context waits: their features are appended in one pass
+        when a round drafts again, ``DEFER_LIMIT`` positions have waited or the generation ends (``end``), so that
+        plain steps cost what a plain step costs."""
+        if not self._defer:
+            self._flush(cache)
+            return super().append_context(features, cache)
+        self._defer = False
+        if self._deferred is None or self._deferred[0] is not cache:
+            self._deferred = (cache, [])
+        mx.async_eval(features)
+        self._deferred[1].append(features)
+        if sum(f.shape[0] for f in self._deferred[1]) >= self.DEFER_LIMIT:
+            self._flush(cache)
+
+    def end(self, cache: list) -> None:
+        self._flush(cache)
+
+    def _flush(self, cache: list) -> None:
+        if self._deferred is not None and self._deferred[0] is cache and self._deferred[1]:
+            super().append_context(mx.concatenate(self._deferred[1], axis=0), cache)
+        self._deferred = None
+
+    def start(self, history: Sequence[int], cache: list, timer=untimed) -> _Pending:
+        copy = self._copy(history, self.opts)
+        if not self.tuner.wants_draft(len(history), np.arange(1, len(copy) + 1)):
+            return _Pending(None, copy, self.opts, len(history), 0.0)  # no drafter pass: the root, and the copy
+        if self._deferred is not None:  # what plain steps deferred is no cost of this round's drafting: timed apart
+            self._flush(cache)
+            mx.eval([c.state for c in cache])
+        tic = time.perf_counter()
+        opts = replace(self.opts, tree_size=self.tuner.draft_size())
+        arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, opts, timer, self.head)
+        return _Pending(arrays, copy, opts, len(history), time.perf_counter() - tic)
+
+    def finish(self, root: int, pending: _Pending, timer=untimed) -> DraftTree:
+        tic = time.perf_counter()
+        self._defer = pending.arrays is None
+        if pending.arrays is None:
+            tree, draft_seconds = root_only(root), None
+            tree.scores = np.zeros(1)
+        else:
+            tree = finish_draft(root, pending.arrays, pending.opts, timer)
+        copy = pending.copy
+        matched = walk(tree, copy)[1] if len(copy) else 0
+        if pending.arrays is not None:
+            draft_seconds = pending.seconds + time.perf_counter() - tic
+        plan = self.tuner.choose(tree.scores[1:], tree.depths[1:], np.arange(matched + 1, len(copy) + 1),
+                                 pending.context, draft_seconds)
+        out = graft(tree, copy[: matched + plan.copied], plan.size) if plan.copied else tree.first(plan.size)
+        kept = len(out) - out.copied  # the tree's first nodes, as drafted
+        self._round = (pending.context, draft_seconds, (tree.scores[1:kept], tree.depths[1:kept]), time.perf_counter())
+        return out
+
+    def observe(self, tree: DraftTree, path: list[int]) -> None:
+        context, draft_seconds, scored, tic = self._round
+        verify_seconds = time.perf_counter() - tic
+        accepted = None
+        if len(tree) - tree.copied == len(scored[0]) + 1:  # (not cut by a K/V quantization switch)
+            on_path = np.zeros(len(tree), dtype=bool)
+            on_path[path] = True
+            kept = len(tree) - tree.copied
+            accepted = (*scored, on_path[1:kept], tree.depths[kept:], on_path[kept:])
+        drafted = draft_seconds is not None
+        self.tuner.observe(len(tree), drafted, len(path), context, draft_seconds or 0.0, verify_seconds, accepted)
+        if self.cache_key is not None and self.tuner.wants_saving():
+            autotune.write_cache(autotune.cache_path(), self.cache_key, self.tuner.knowledge)
+
+    def check_budget(self, context: int) -> None:
+        """The largest budget that fits becomes the most a round may draft; refused only when none does."""
+        o, t = self.opts, self.target
+        error = None
+        for size in sorted({n for n in autotune.CANDIDATES if n <= o.tree_size} | {o.tree_size}, reverse=True):
+            try:
+                check_tree_budget(size, o.mode, self.drafter.args.block_size, o.top_m, o.top_k, context,
+                                  t.vocab_size, t.model.args.num_attention_heads, hidden_size=t.hidden_size,
+                                  head_vocab=o.head_vocab)
+            except ValueError as err:
+                error = error or err
+                continue
+            self.tuner.limit(size)
+            return
+        raise error
+
+
+def auto_drafting(drafter: Drafter, target: Target, opts: DraftOptions) -> AutoDrafting:
+    """An ``AutoDrafting`` that goes on from what this process (or, for models loaded from disk, the cache file)
+    has learnt of this pair and settings on this machine."""
+    o = opts
+    setup = f"{o.mode} m{o.top_m} k{o.top_k} t{o.temperature} v{o.head_vocab} w{o.window}/{o.sinks} l{o.lookup}/{o.lookup_match}"
+    paths = getattr(target.model, "model_path", None), getattr(drafter, "path", None)
+    if None in paths:  # built in memory: known to this process only
+        return AutoDrafting(drafter, target, opts, autotune.knowledge_for(f"{id(target.model)} {id(drafter)} {setup}", None))
+    device = str(mx.default_device())
+    if mx.default_device() != mx.cpu and hasattr(mx, "metal"):
+        device += " " + str(mx.metal.device_info().get("device_name", ""))
+    model, drafter_path = (os.path.realpath(p) for p in paths)  # one key whatever the directory it is run from
+    key = f"{model} | {drafter_path} | {setup} | {autotune.machine(device)}"
+    return AutoDrafting(drafter, target, opts, autotune.knowledge_for(key, autotune.cache_path()), key)
 
 
 def make_drafting(
@@ -340,13 +486,19 @@ def make_drafting(
     draft_lookup_match: int | None = None,
 ) -> Drafting:
     """The drafting of ``mode`` (default: ``default_mode(drafter)``) with its settings checked. Settings left at
-    None take ``device_settings()`` (tree size, top-m, head vocabulary, window, lookup) or the published values."""
+    None take ``device_settings()`` (tree size, top-m, head vocabulary, window, lookup) or the published values.
+    ``tree_size="auto"`` (the default): each round's budget is chosen as it runs (``AutoDrafting``)."""
     mode = mode or default_mode(drafter)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     given = {"tree_size": tree_size, "top_m": draft_top_m, "head_vocab": draft_vocab, "window": draft_window,
              "lookup": draft_lookup}
     settings = device_settings() | {k: v for k, v in given.items() if v is not None}
+    if isinstance(settings["tree_size"], str) and settings["tree_size"] != AUTO:
+        raise ValueError(f"tree_size must be a node count or 'auto', got {settings['tree_size']!r}")
+    auto = settings["tree_size"] == AUTO
+    if auto:
+        settings["tree_size"] = max(autotune.CANDIDATES)
     opts = DraftOptions(mode, top_k=16 if draft_top_k is None else draft_top_k,
                         temperature=1.0 if draft_temp is None else draft_temp,
                         sinks=DEFAULT_SINKS if draft_sinks is None else draft_sinks,
@@ -366,4 +518,6 @@ def make_drafting(
         raise ValueError(f"mode '{mode}' needs a drafter; pass one or use mode 'ar'")
     if mode == "treeflash" and not drafter.has_head:
         raise ValueError("mode 'treeflash' needs a drafter with an AR-approximation head; use 'marginal' or 'chain'")
+    if auto and mode != "chain":  # a chain is the drafter's block: no budget to choose
+        return auto_drafting(drafter, target, opts)
     return DrafterDrafting(drafter, target, opts)

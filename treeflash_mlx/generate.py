@@ -10,10 +10,11 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from . import quantized_kv
 from ._cli import add_drafting_arguments, drafting_settings, run_cli
-from .drafting import default_mode
+from .drafting import default_mode, make_drafting
 from .loading import DEMO, demo_paths, load  # noqa: F401  (DEMO: where the tests and scripts look)
 from .prompt_cache import make_prompt_cache
 from .speculative import PREFILL_STEP, stream_generate, summary
+from .target import Target
 from .validation import finite, integer, utf8_text
 
 
@@ -106,14 +107,16 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer, drafter = load(args.model, args.drafter)
     prompt = prompt_tokens(tokenizer, args)
     mode = args.mode or default_mode(drafter)
+    drafting = make_drafting(drafter, Target(model), mode, **drafting_settings(args))  # kept: its choices are reported
+    tuner = getattr(drafting, "tuner", None)  # --tree-size auto
     cache = make_prompt_cache(model, drafter)  # kept here to report the caches' bytes
     progress = (lambda done, total: show_progress(done, total, args.prefill_step_size)) if args.verbose else None
     responses = stream_generate(
         model, tokenizer, prompt, args.max_tokens,
-        drafter=drafter,
+        drafter=drafting,
         sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
         logits_processors=make_logits_processors(None, args.repetition_penalty, args.repetition_context_size),
-        mode=mode, stop_strings=args.stop, **drafting_settings(args),
+        stop_strings=args.stop,
         prompt_cache=cache, prefill_step_size=args.prefill_step_size, prompt_progress_callback=progress,
         **quantized_kv.check_arguments(args),
     )
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> None:
             "generation_tps": last.generation_tps,
             "peak_memory_gb": last.peak_memory,
             "mode": mode,
+            **({"tree_size_auto": tuner.report()} if tuner else {}),
             "model_path": str(model.model_path),
             "drafter_path": str(drafter.path) if drafter is not None else None,
         }))
@@ -144,6 +148,8 @@ def run(args: argparse.Namespace) -> None:
     print()
     if args.verbose:
         print(summary(last, taus, cache))
+        if tuner:
+            print(tuner.summary())
 
 
 def main(argv: list[str] | None = None) -> int:

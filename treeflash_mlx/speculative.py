@@ -217,9 +217,11 @@ def generate_step(
         try:
             yield new
         except GeneratorExit:  # the caller stopped here (a stop string, a closed stream): a turn boundary
+            drafting.end(cache.drafter)  # what the drafting left waiting goes into the cache
             cache.checkpoint()
             raise
         if ends:
+            drafting.end(cache.drafter)
             cache.checkpoint()
             return
 
@@ -231,6 +233,7 @@ def generate_step(
         logits, feats = target.verify(tree, cache.target, drafting.capture)
         path, bonus, logprobs = sample_and_accept(node_logits(logits, tree, history, processors), tree, sampler, keys)
         timer("verify")
+        drafting.observe(tree, path)
         target.commit(cache.target, start, path)
         if drafting.capture:
             drafting.append_context(feats[mx.array(path)], cache.drafter)

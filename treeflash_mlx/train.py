@@ -49,7 +49,7 @@ from ._cli import run_cli
 from .checkpoints import load_drafter, save_drafter, save_weights, validate
 from .drafter import Drafter, DrafterConfig
 from .loading import load, read_jsonl_prompts
-from .drafting import make_drafting
+from .drafting import PUBLISHED_SETTINGS, make_drafting
 from .replay import replay
 from .families import is_recurrent
 from .target import Target
@@ -411,14 +411,17 @@ def zero_head(drafter: Drafter) -> Drafter:
     return drafter
 
 
+REPLAY_TREE_SIZE = PUBLISHED_SETTINGS["tree_size"]  # a replay has no timings for --tree-size auto: the published τ budget
+
+
 def heldout_tau(drafter: Drafter, target: Target, heldout: "Corpus", max_tokens: int,
                 modes: list[str] | None = None) -> dict[str, float]:
-    """Mean τ per drafting mode (the device's default tree settings) that greedy generation would measure on
+    """Mean τ per drafting mode (the device's default settings, the published budget) that greedy generation would measure on
     the held-out prompts, replayed on the target's stored answers (``replay``: drafter passes only)."""
     modes = modes or (["treeflash", "marginal", "chain"] if drafter.has_head else ["marginal", "chain"])
     out = {}
     for mode in modes:
-        drafting = make_drafting(drafter, target, mode)
+        drafting = make_drafting(drafter, target, mode, tree_size=REPLAY_TREE_SIZE)
         taus = [t for i in range(len(heldout)) for t in replay(drafting, *heldout.sequence(i), max_tokens)]
         out[mode] = float(np.mean(taus)) if taus else float("nan")
     return out

@@ -24,6 +24,7 @@ class DraftTree:
     parents: np.ndarray
     depths: np.ndarray
     copied: int = 0  # the last nodes, added by a copy from the context (``graft``)
+    scores: np.ndarray | None = None  # best-first trees: each node's path log-probability under the drafter
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -55,7 +56,10 @@ class DraftTree:
 
     def first(self, n: int) -> "DraftTree":
         """The first ``n`` nodes (parents precede children, so a tree; best-first trees: the n best)."""
-        return self if n >= len(self) else DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n])
+        if n >= len(self):
+            return self
+        scores = None if self.scores is None else self.scores[:n]
+        return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], scores=scores)
 
     def path(self, node: int) -> list[int]:
         """Node indices from the root's first child down to ``node`` (empty for the root)."""
@@ -86,7 +90,7 @@ def best_first(
     entries per emitted node. Ties break on the rank path, as in the published implementation.
     """
     depth_count, _, k = tokens.shape
-    out_tokens, parents, depths = [root], [-1], [0]
+    out_tokens, parents, depths, scores = [root], [-1], [0], [0.0]
     heap: list[tuple[float, tuple[int, ...], int, int, int, int]] = []
     if tree_size > 1 and depth_count > 0 and np.isfinite(logp[0, 0, 0]):
         # (-score, rank path, parent node, depth, table row, rank)
@@ -97,6 +101,7 @@ def best_first(
         out_tokens.append(int(tokens[depth - 1, row, rank]))
         parents.append(parent)
         depths.append(depth)
+        scores.append(-neg)
         parent_score = -neg - float(logp[depth - 1, row, rank])
         if rank + 1 < k:
             score = parent_score + float(logp[depth - 1, row, rank + 1])
@@ -107,10 +112,11 @@ def best_first(
             score = -neg + float(logp[depth, child_row, 0])
             if np.isfinite(score):
                 heapq.heappush(heap, (-score, ranks + (0,), node, depth + 1, child_row, 0))
-    return DraftTree(np.array(out_tokens, dtype=np.int64), np.array(parents), np.array(depths))
+    return DraftTree(np.array(out_tokens, dtype=np.int64), np.array(parents), np.array(depths),
+                     scores=np.array(scores))
 
 
-def _walk(tree: DraftTree, tokens: np.ndarray) -> tuple[int, int]:
+def walk(tree: DraftTree, tokens: np.ndarray) -> tuple[int, int]:
     """(node, depth): how far ``tokens`` can be followed down from the root along existing nodes."""
     node = 0
     for depth, token in enumerate(tokens):
@@ -131,9 +137,9 @@ def graft(tree: DraftTree, tokens: np.ndarray, tree_size: int) -> DraftTree:
     tokens = np.asarray(tokens, dtype=np.int64)[: max(tree_size - 1, 0)]
     if not len(tokens):
         return tree.first(tree_size)
-    n, (node, matched) = tree_size - len(tokens), _walk(tree.first(tree_size - len(tokens)), tokens)
+    n, (node, matched) = tree_size - len(tokens), walk(tree.first(tree_size - len(tokens)), tokens)
     while (grown := min(len(tree), tree_size - (len(tokens) - matched))) > n:
-        n, (node, matched) = grown, _walk(tree.first(grown), tokens)
+        n, (node, matched) = grown, walk(tree.first(grown), tokens)
     tree = tree.first(n)
     new = len(tokens) - matched
     parents = np.concatenate([tree.parents, [node], len(tree) + np.arange(new - 1)]) if new else tree.parents

@@ -1,0 +1,324 @@
+"""--tree-size auto's models on synthetic round logs: the cost curve and the acceptance law behind the logs are
+recovered, the choice maximizes the expected rate, drafting stops where it never pays, and the cache file is
+bounded, versioned and ignored when corrupt."""
+
+from __future__ import annotations
+
+import json
+from itertools import product
+
+import numpy as np
+import pytest
+
+from treeflash_mlx import autotune
+from treeflash_mlx.autotune import (CANDIDATES, Acceptance, CostModel, Knowledge, Tuner, knowledge_for,
+                                    merged_gains, plan, read_cache, write_cache)
+
+
+def true_cost(n, ctx):
+    """A machine whose BLAS makes 4-12 rows dearer than 16, plus attention over the context."""
+    base = {1: 10.0, 2: 10.5, 3: 11.0, 4: 14.0, 6: 15.0, 8: 15.5, 12: 16.0, 16: 12.5, 24: 17.0, 32: 20.0, 48: 27.0,
+            64: 33.0}[n]
+    return 1e-3 * (base + (0.8 + 0.05 * n) * ctx / 1024)
+
+
+def test_the_cost_model_recovers_a_known_cost_curve():
+    rng = np.random.default_rng(0)
+    costs = CostModel(per_size=64)
+    for i in range(500):
+        n, ctx = int(rng.choice(CANDIDATES)), 200 + 6 * i  # the context grows as a generation goes on
+        costs.add(n, ctx, true_cost(n, ctx) * rng.lognormal(0, 0.03))
+    for ctx in (1000, 3000):
+        want = np.array([true_cost(n, ctx) for n in CANDIDATES])
+        np.testing.assert_allclose(costs.predict(CANDIDATES, ctx), want, rtol=0.04)
+    _, _, beta, alpha = costs.fit()
+    assert beta == pytest.approx(0.8e-3, rel=0.2) and alpha == pytest.approx(0.05e-3, rel=0.2)
+    assert costs.predict([12], 1000)[0] > costs.predict([16], 1000)[0], "the bump is kept, not smoothed away"
+
+
+def test_costs_at_one_context_are_the_sizes_means_and_unmeasured_sizes_are_interpolated():
+    costs = CostModel()
+    for s in (0.010, 0.012, 0.011):
+        costs.add(1, 500, s)
+        costs.add(16, 500, 2 * s)
+    assert costs.fit()[2:] == (0.0, 0.0), "one context cannot tell slopes from intercepts"
+    assert costs.predict([1, 16], 500) == pytest.approx([0.011, 0.022], rel=1e-3)
+    assert costs.predict([8], 500)[0] == pytest.approx(0.011 + 7 / 15 * 0.011, rel=1e-3)
+    assert costs.predict([32], 500)[0] >= 0.022
+
+
+def test_costs_follow_a_machine_that_gets_slower():
+    costs = CostModel(decay=0.9)
+    for _ in range(50):
+        costs.add(4, 100, 0.01)
+    for _ in range(50):
+        costs.add(4, 100, 0.03)
+    assert costs.predict([4], 100)[0] == pytest.approx(0.03, rel=0.02)
+
+
+def acceptance_law(logp, depth):
+    """The synthetic truth: drafters overrate deep nodes; acceptance = p^0.7 · 0.9^depth."""
+    return np.exp(0.7 * logp) * 0.9**depth
+
+
+def synthetic_round(rng, n=32):
+    depths = np.sort(rng.integers(1, 12, n))
+    logp = -rng.exponential(1.5, n) * np.sqrt(depths)
+    return logp, depths, rng.random(n) < acceptance_law(logp, depths)
+
+
+def test_the_acceptance_calibration_recovers_a_known_law():
+    rng = np.random.default_rng(1)
+    model = Acceptance(decay=1.0)
+    for _ in range(3000):
+        model.observe(*synthetic_round(rng))
+    logp, depths, _ = synthetic_round(rng, 4000)
+    truth = acceptance_law(logp, depths)
+    assert np.abs(model.prob(logp, depths) - truth).mean() < 0.02
+    assert np.abs(np.exp(logp) - truth).mean() > 0.05, "uncalibrated scores are off: the test can fail"
+    # E[τ] of a round, the sum of its nodes' probabilities, within 5% of the truth
+    for _ in range(20):
+        logp, depths, _ = synthetic_round(rng)
+        assert 1 + model.prob(logp, depths).sum() == pytest.approx(1 + truth_sum(logp, depths), rel=0.05)
+
+
+def truth_sum(logp, depths):
+    return acceptance_law(logp, depths).sum()
+
+
+def test_copies_are_calibrated_per_position():
+    rng = np.random.default_rng(2)
+    model = Acceptance(decay=1.0)
+    rates = 0.9 ** np.arange(1, 16)
+    for _ in range(2000):
+        positions = np.arange(1, 16)
+        model.observe(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), positions, rng.random(15) < rates)
+    np.testing.assert_allclose(model.copy_prob(np.arange(1, 16)), rates, atol=0.04)
+
+
+def test_merged_gains_take_the_best_split_of_tree_and_copy():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        tree, copy = np.sort(rng.random(8))[::-1], np.sort(rng.random(5))[::-1]
+        cum, copied = merged_gains(tree, copy)
+        for j in range(1, 14):
+            best = max(tree[: j - k].sum() + copy[:k].sum() for k in range(0, min(j, 5) + 1) if j - k <= 8)
+            assert cum[j - 1] == pytest.approx(best)
+            assert tree[: j - copied[j - 1]].sum() + copy[: copied[j - 1]].sum() == pytest.approx(best)
+
+
+def fitted(cost=true_cost, ctx=1000):
+    costs = CostModel()
+    for n in CANDIDATES:
+        costs.add(n, ctx, cost(n, ctx))
+    return costs
+
+
+def test_the_plan_maximizes_expected_tokens_per_second():
+    rng = np.random.default_rng(4)
+    costs = fitted()
+    for _ in range(30):
+        gains = np.sort(rng.random(63) ** 3)[::-1]
+        draft = rng.uniform(0, 0.01)
+        got = plan(gains, np.zeros(0), costs, 1000, draft)
+        rates = {n: (1 + gains[: n - 1].sum()) / (draft + true_cost(n, 1000)) for n in CANDIDATES}
+        assert got.size == max(rates, key=rates.get)
+        assert got.expected == pytest.approx(1 + gains[: got.size - 1].sum())
+
+
+def test_a_draft_that_cannot_pay_is_verified_as_the_root_alone():
+    got = plan(np.full(63, 0.01), np.zeros(0), fitted(), 1000, 0.002)
+    assert (got.size, got.copied) == (1, 0)
+
+
+def test_a_good_copy_joins_the_tree():
+    got = plan(np.full(63, 0.05), np.full(10, 0.9), fitted(), 1000, 0.002)
+    assert got.copied == 10 and got.size >= 11
+
+
+def run_tuner(tuner, accept, rounds, rng, draft=0.004, ctx=100):
+    """Drive a tuner as the loop does, with costs from ``true_cost`` and ``accept(logp, depths)`` the law."""
+    for _ in range(rounds):
+        ctx += 1
+        if not tuner.wants_draft(ctx):
+            tuner.observe(1, False, 1, ctx, 0.0, true_cost(1, ctx))
+            continue
+        logp = np.sort(-rng.exponential(1.0, 63).cumsum() / 8)[::-1]
+        depths = np.minimum(1 + np.arange(63) // 4, 15)
+        p = tuner.choose(logp, depths, np.zeros(0, np.int64), ctx, draft)
+        hit = rng.random(p.size - 1) < accept(logp[: p.size - 1], depths[: p.size - 1])
+        tokens = 1 + int(hit.any()) * int(depths[: p.size - 1][hit].max(initial=0))
+        tuner.observe(p.size, True, tokens, ctx, draft, true_cost(p.size, ctx),
+                      (logp[: p.size - 1], depths[: p.size - 1], hit, np.zeros(0, np.int64), np.zeros(0, bool)))
+
+
+def test_a_drafter_that_never_matches_falls_back_to_plain_steps():
+    tuner = Tuner(Knowledge())
+    run_tuner(tuner, lambda logp, d: np.zeros(len(logp)), 400, np.random.default_rng(5))
+    report = tuner.report()
+    assert report["plain_step_fraction"] > 0.85
+    assert report["rounds"] == 400 and sum(report["tree_sizes"].values()) == 400
+    drafted = 400 * (1 - report["plain_step_fraction"])
+    assert drafted >= 400 / (autotune.MAX_BACKOFF + 1), "it still looks, now and then, whether drafting pays"
+
+
+def test_a_drafter_that_matches_drafts_every_round():
+    tuner = Tuner(Knowledge())
+    run_tuner(tuner, lambda logp, d: np.exp(logp), 300, np.random.default_rng(6))
+    report = tuner.report()
+    assert report["plain_step_fraction"] == 0.0
+    assert sum(v for n, v in report["tree_sizes"].items() if n >= 4) > 250
+
+
+def test_probes_run_once_per_setup_and_only_where_costs_are_unknown():
+    knowledge = Knowledge()
+    first = Tuner(knowledge)
+    assert first.probes == list(autotune.PROBES)
+    run_tuner(first, lambda logp, d: np.exp(logp), 20, np.random.default_rng(7))
+    assert Tuner(knowledge).probes == [] and Tuner(Knowledge()).probes == list(autotune.PROBES)
+    small = Tuner(Knowledge(), max_size=10)
+    assert small.probes == [1, 4] and small.candidates[-1] == 10 and small.draft_size() == 10
+
+
+# --- the cache file -------------------------------------------------------------------------------------------
+
+def learnt(n_obs=40) -> Knowledge:
+    k = Knowledge()
+    for i in range(n_obs):
+        k.costs.add(CANDIDATES[i % len(CANDIDATES)], 100 + i, 0.01 + 0.001 * (i % 5))
+    k.add_draft(0.004)
+    return k
+
+
+def test_the_cache_file_round_trips_and_seeds_a_new_process(tmp_path, monkeypatch):
+    path = tmp_path / "autotune.json"
+    write_cache(path, "pair A", learnt())
+    entry = read_cache(path)["pair A"]
+    assert entry["draft"] == 0.004 and len(entry["costs"]) == 40
+    monkeypatch.setattr(autotune, "_PROCESS", type(autotune._PROCESS)())
+    k = knowledge_for("pair A", path)
+    assert k.draft_seconds == 0.004 and k.costs.count(1) == 4
+    assert Tuner(k).probes == [], "costs from the file: no probing"
+    assert knowledge_for("pair A", path) is k, "the same setup in one process shares its knowledge"
+    assert knowledge_for("pair B", path).costs.count(1) == 0
+
+
+def test_the_cache_file_is_bounded(tmp_path):
+    path = tmp_path / "autotune.json"
+    for i in range(autotune.CACHE_ENTRIES + 5):
+        write_cache(path, f"pair {i}", learnt(400))
+    entries = read_cache(path)
+    assert len(entries) == autotune.CACHE_ENTRIES and "pair 0" not in entries and f"pair {i}" in entries
+    assert all(len(e["costs"]) <= 8 * len(CANDIDATES) for e in entries.values())
+    assert path.stat().st_size < 64 * 1024
+    assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"], "no temporary file left behind"
+
+
+@pytest.mark.parametrize("content", [
+    "", "{", "not json", "[]", "null", '{"version": 1}', '{"version": 1, "entries": []}',
+    json.dumps({"version": 999, "entries": {"pair A": {"costs": [[1, 10, 0.01]], "used": 1.0}}}),
+    json.dumps({"version": 1, "entries": {"pair A": {"costs": [[1, 10, -1]], "used": 1.0}}}),
+    json.dumps({"version": 1, "entries": {"pair A": {"costs": [["x"]], "used": 1.0}}}),
+    json.dumps({"version": 1, "entries": {"pair A": {"costs": [[1e9, 10, 0.01]], "used": 1.0}}}),
+    json.dumps({"version": 1, "entries": {"pair A": {"costs": [[1, 10, 0.01]]}}}),
+    b"\xff\xfe\x00garbage",
+], ids=range(13))
+def test_a_corrupt_or_foreign_cache_file_is_ignored_and_replaced(tmp_path, monkeypatch, content):
+    path = tmp_path / "autotune.json"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    assert "pair A" not in read_cache(path)
+    monkeypatch.setattr(autotune, "_PROCESS", type(autotune._PROCESS)())
+    assert knowledge_for("pair A", path).costs.count(1) == 0
+    write_cache(path, "pair B", learnt())
+    assert set(read_cache(path)) == {"pair B"}
+
+
+def test_an_unwritable_cache_location_loses_only_the_head_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    write_cache(blocker / "sub" / "autotune.json", "pair A", learnt())  # the parent is a file: cannot be made
+    assert read_cache(blocker / "sub" / "autotune.json") == {}
+
+
+def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.CACHE_ENV, "")
+    assert autotune.cache_path() is None
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "c.json"))
+    assert autotune.cache_path() == tmp_path / "c.json"
+    monkeypatch.delenv(autotune.CACHE_ENV)
+    assert autotune.cache_path().name == "autotune.json"
+
+
+def test_the_draft_is_as_large_as_the_recent_choices_and_grows_when_they_use_all_of_it():
+    tuner = Tuner(Knowledge())
+    assert tuner.draft_size() == 64, "warming up and probing: the largest"
+    tuner.warm, tuner.probes = True, []
+    for n in (4, 8, 6):
+        tuner.knowledge.recent.append(n)
+    assert tuner.draft_size() == 8
+    for n in CANDIDATES:
+        tuner.knowledge.costs.add(n, 100, 0.01 + 0.0005 * n)
+    got = tuner.choose(np.full(7, -0.1), np.arange(1, 8), np.zeros(0, np.int64), 100, 0.001)
+    assert got.size == 8 and tuner.capped and tuner.draft_size() == 12
+    got = tuner.choose(np.full(15, -9.0), np.arange(1, 16), np.zeros(0, np.int64), 100, 0.001)
+    assert got.size < 16 and not tuner.capped and tuner.draft_size() == 8
+
+
+def test_a_drafter_whose_scores_mean_nothing_is_found_out_in_a_few_rounds():
+    """Confident scores, never accepted: after two rounds even bins never seen are rated far below the scores."""
+    model = Acceptance()
+    depths = np.repeat(np.arange(1, 5), 4)
+    for _ in range(2):
+        model.observe(np.full(16, -0.3), depths, np.zeros(16, bool))
+    unseen = np.full(4, -1.2)  # another bin at the same depths
+    assert np.all(model.prob(unseen, np.arange(1, 5)) < 0.25 * np.exp(-1.2))
+    assert np.all(model.prob(unseen, np.arange(6, 10)) < 0.5 * np.exp(-1.2)), "deeper: the drafter's overall record"
+    fresh = Acceptance()
+    assert fresh.prob(unseen, np.arange(1, 5)) == pytest.approx(np.exp(-1.2)), "nothing seen: the drafter's scores"
+
+
+def test_sizes_chosen_rarely_keep_what_they_measured():
+    costs = CostModel(per_size=4)
+    costs.add(64, 100, 0.05)
+    for i in range(1000):  # a long spell of plain steps
+        costs.add(1, 100 + i % 10, 0.01)
+    assert costs.count(64) == 1 and costs.count(1) == 4
+    assert costs.predict([64], 100)[0] == pytest.approx(0.05, rel=0.01)
+    assert Tuner(Knowledge(costs=costs)).probes == [4, 16], "measured once: not probed again"
+
+
+def test_stalls_of_a_busy_machine_are_not_taken_for_costs():
+    costs, knowledge = CostModel(), Knowledge()
+    rng = np.random.default_rng(9)
+    for i in range(200):
+        stall = 20.0 if rng.random() < 0.1 else 1.0  # one round in ten stalls (another process ran)
+        costs.add(8, 500, 0.01 * stall)
+        knowledge.add_draft(0.004 * stall)
+    assert costs.predict([8], 500)[0] < 0.0125, "a mean with the stalls in would be 0.029"
+    assert knowledge.draft_seconds == pytest.approx(0.004)
+
+
+def test_probes_and_the_warm_up_teach_costs_but_are_not_taken_for_choices():
+    logp, depths = np.full(63, -0.5), np.arange(63) // 4 + 1
+
+    def round_(tuner):
+        p = tuner.choose(logp, depths, np.zeros(0, np.int64), 100, 0.004)
+        tuner.observe(p.size, True, 3, 100, 0.004, true_cost(p.size, 100))
+        return p
+
+    tuner = Tuner(Knowledge())
+    for _ in range(1 + len(autotune.PROBES)):
+        round_(tuner)
+    assert sorted(tuner.knowledge.costs.sizes) == sorted(autotune.PROBES), "the warm-up is not timed"
+    assert list(tuner.knowledge.recent) == [] and tuner.knowledge.drafted is None
+    p = round_(tuner)
+    assert list(tuner.knowledge.recent) == [p.size] and tuner.knowledge.drafted is not None
+    # Costs known for plain steps only: the first round plans (untimed), the next ones probe the other sizes.
+    knowledge = Knowledge()
+    for _ in range(3):
+        knowledge.costs.add(1, 100, true_cost(1, 100))
+    tuner = Tuner(knowledge)
+    assert tuner.warm and tuner.probes == [4, 16, 64]
+    first = round_(tuner)
+    probes = [round_(tuner).size for _ in range(3)]
+    assert probes == [4, 16, 64] and list(knowledge.recent) == [], (first, list(knowledge.recent))

@@ -1,0 +1,465 @@
+"""``--tree-size auto``: each round's tree chosen for the most expected tokens per second (docs/autotune.md).
+
+Plain numpy, no MLX: the loop hands in seconds, scores and accepted paths, and gets back a budget.
+
+    rate(n, k) = E[τ(n, k)] / (D + V(n, ctx))
+
+- ``V(n, ctx)``  seconds to verify n nodes (root included) after ctx tokens of context: ``CostModel``, fitted to
+  the rounds' own timings (n = 1 is one plain decoding step);
+- ``D``          seconds of drafting a round, also timed (a plain step drafts nothing: D = 0);
+- ``E[τ(n, k)]`` expected tokens committed by verifying the first n - k nodes of the best-first tree plus k
+  nodes copied from the context: one (the bonus token) plus the sum, over the kept nodes, of the probability
+  that the node is on the accepted path (a sum of indicators: at most one node per depth is accepted, and the
+  expected number of accepted nodes is the sum of each node's probability). ``Acceptance`` gives each node's
+  probability from its draft path probability and depth, calibrated on the acceptance observed.
+
+The round with the best rate is chosen; a round drafts at all only while drafted rounds are expected to deliver
+more tokens per second than the round would without drafting (``Tuner.wants_draft``). The choice shapes the tree
+only: output is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # budgets (root included) a round may choose
+PROBES = (1, 4, 16, 64)  # verified once each early on, where no cost is known yet
+MAX_BACKOFF = 32  # plain steps, at most, between two drafted rounds that look whether drafting pays again
+
+
+class CostModel:
+    """Seconds to verify n nodes after ctx tokens: ``V(n, ctx) = c_n + (β + α·n)·ctx``.
+
+    One intercept ``c_n`` per measured size (machines are not smooth in n: a BLAS kernel may make 12 rows dearer
+    than 16) and an attention term linear in the context, shared by all sizes, each query row reading every
+    cached key. Fitted by weighted least squares over the last ``per_size`` observations of each size, each
+    weighing ``decay`` less for every later observation (of any size), so that costs that drift (a loaded machine,
+    a cache grown cold) are followed, while sizes chosen rarely keep what they last measured. Sizes never measured
+    are interpolated linearly in n between measured neighbours."""
+
+    CTX_UNIT = 1024.0  # context in units of 1024 tokens keeps the normal equations well scaled
+    MIN_SPREAD = 64.0  # tokens of context spread (within sizes) before the slopes are fitted
+
+    def __init__(self, per_size: int = 32, decay: float = 0.99):
+        self.per_size = per_size
+        self.by_size: dict[int, deque[tuple[int, float, float]]] = {}  # size → (index, ctx, seconds), oldest first
+        self.added = 0  # observations ever added: each one's index, for its age
+        self.decay = decay
+        self._fit: tuple[np.ndarray, np.ndarray, float, float] | None = None
+
+    OUTLIER = 2.0  # a time beyond this multiple of the prediction counts as that multiple (a stall, not a cost)
+
+    def add(self, n: int, ctx: int, seconds: float) -> None:
+        if not (np.isfinite(seconds) and seconds > 0):
+            return
+        if self.count(n) >= 3:
+            seconds = min(seconds, self.OUTLIER * float(self.predict([n], ctx)[0]))
+        self.by_size.setdefault(int(n), deque(maxlen=self.per_size)).append((self.added, float(ctx), float(seconds)))
+        self.added += 1
+        self._fit = None
+
+    def count(self, n: int) -> int:
+        return len(self.by_size.get(n, ()))
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.by_size)
+
+    @property
+    def observations(self) -> list[tuple[int, float, float]]:
+        """(n, ctx, seconds) of every observation kept, oldest first."""
+        rows = sorted((i, n, ctx, s) for n, q in self.by_size.items() for i, ctx, s in q)
+        return [(n, ctx, s) for _, n, ctx, s in rows]
+
+    def fit(self) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """(sizes, intercepts c_n, β, α): seconds, and seconds per 1024 context tokens (α: per node too).
+
+        The slopes are fitted only once the contexts seen at each size spread over ``MIN_SPREAD`` tokens (they
+        are told apart from the intercepts only by that spread, and noise would otherwise make them up); until
+        then, and if the fit is not physical (a negative cost), each size's cost is its weighted mean."""
+        if self._fit is None:
+            rows = np.array([(n, i, ctx, y) for n, q in self.by_size.items() for i, ctx, y in q], dtype=np.float64)
+            sizes = np.array(self.sizes)
+            n, age, ctx, y = rows[:, 0], self.added - 1 - rows[:, 1], rows[:, 2] / self.CTX_UNIT, rows[:, 3]
+            onehot = (n[:, None] == sizes[None]).astype(np.float64)
+            w = self.decay ** np.minimum(age, 1000)  # (a size unused for 1000 rounds keeps a weight all the same)
+            per_size = (onehot * w[:, None]).sum(0)
+            means = (onehot * (w * y)[:, None]).sum(0) / per_size
+            self._fit = (sizes, means, 0.0, 0.0)
+            centred = ctx - onehot @ ((onehot * (w * ctx)[:, None]).sum(0) / per_size)
+            if np.sqrt(np.sum(w * centred**2) / np.sum(w)) * self.CTX_UNIT >= self.MIN_SPREAD:
+                X = np.concatenate([onehot, ctx[:, None], (n * ctx)[:, None]], 1)
+                coef = np.linalg.lstsq(X * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)[0]
+                beta, alpha = max(coef[-2], 0.0), max(coef[-1], 0.0)  # attention never makes a round cheaper
+                c = means - (beta + alpha * sizes) * (onehot.T @ (w * ctx)) / per_size
+                if np.all(c > 0):
+                    self._fit = (sizes, c, beta, alpha)
+        return self._fit
+
+    def predict(self, n, ctx: float) -> np.ndarray:
+        """V(n, ctx) for an array of sizes; needs at least one observation."""
+        sizes, c, beta, alpha = self.fit()
+        n = np.asarray(n, dtype=np.float64)
+        if len(sizes) == 1:  # one size known: cost grows no faster than the node count
+            base = c[0] * np.maximum(1.0, n / sizes[0]) ** 0.5
+        else:
+            base = np.interp(n, sizes, c)
+            above = n > sizes[-1]  # beyond the largest: the last measured slope per node
+            slope = max((c[-1] - c[-2]) / (sizes[-1] - sizes[-2]), 0.0)
+            base = np.where(above, c[-1] + slope * (n - sizes[-1]), base)
+        return np.maximum(base + (beta + alpha * n) * ctx / self.CTX_UNIT, 1e-9)
+
+    def state(self, per_size: int = 8) -> list[list[float]]:
+        """The latest ``per_size`` observations of each size, oldest first: what a cache file keeps."""
+        keep = {(n, i) for n, q in self.by_size.items() for i, _, _ in list(q)[-per_size:]}
+        rows = sorted((i, n, ctx, s) for n, q in self.by_size.items() for i, ctx, s in q if (n, i) in keep)
+        return [[n, ctx, s] for _, n, ctx, s in rows]
+
+
+class Acceptance:
+    """P(a node is on the accepted path), from its draft path probability p and its depth.
+
+    A drafter's scores are not acceptance probabilities: calibrated online, per depth and per bin of log p, as
+    the observed rate of acceptance of the verified nodes of that bin, shrunk, while the bin has seen few nodes,
+    towards p scaled by how its depth's nodes fared against their scores (itself shrunk towards all depths'):
+
+        g   = (Σ accepted + W) / (Σ p + W)                    all verified nodes
+        f_d = (Σ_d accepted + W·g) / (Σ_d p + W)              the nodes of depth d
+        q   = (accepted_db + w·f_d·p) / (seen_db + w)         the nodes of depth d in p's bin b
+
+    so that a drafter whose scores mean little (an untrained one) is found out after a round or two, long before
+    each of its bins has been seen. Copies from the context have no score: a copied node's probability is the rate
+    observed at its position along the copy (shrunk towards ``COPY_PRIOR``)."""
+
+    EDGES = np.array([-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1])  # log p
+    PRIOR = 2.0  # w: pseudo-nodes of the depth-scaled p in every bin
+    MASS = 1.0  # W: pseudo-acceptances behind the depth and overall factors
+    COPY_PRIOR = (0.5, 1.0)  # (rate, pseudo-nodes) of a copied position never seen
+
+    def __init__(self, depths: int = 64, copy_length: int = 64, decay: float = 0.998):
+        self.seen = np.zeros((depths + 1, len(self.EDGES) + 1))
+        self.accepted = np.zeros_like(self.seen)
+        self.mass = np.zeros(depths + 1)  # Σ p of the verified nodes per depth
+        self.copy_seen = np.zeros(copy_length + 1)
+        self.copy_accepted = np.zeros(copy_length + 1)
+        self.decay = decay
+
+    def _cells(self, logp: np.ndarray, depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.minimum(depths, len(self.seen) - 1), np.searchsorted(self.EDGES, logp)
+
+    def factors(self) -> np.ndarray:
+        """f_d: observed over predicted acceptance per depth."""
+        accepted = self.accepted.sum(1)
+        g = (accepted.sum() + self.MASS) / (self.mass.sum() + self.MASS)
+        return (accepted + self.MASS * g) / (self.mass + self.MASS)
+
+    def prob(self, logp: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        d, b = self._cells(np.asarray(logp), np.asarray(depths))
+        p = np.minimum(np.exp(np.minimum(logp, 0.0)) * self.factors()[d], 1.0)
+        return (self.accepted[d, b] + self.PRIOR * p) / (self.seen[d, b] + self.PRIOR)
+
+    def copy_prob(self, positions: np.ndarray) -> np.ndarray:
+        j = np.minimum(positions, len(self.copy_seen) - 1)
+        rate, weight = self.COPY_PRIOR
+        return (self.copy_accepted[j] + weight * rate) / (self.copy_seen[j] + weight)
+
+    def observe(self, logp: np.ndarray, depths: np.ndarray, accepted: np.ndarray,
+                copy_positions: np.ndarray = np.zeros(0, np.int64), copy_accepted: np.ndarray = np.zeros(0, bool)):
+        """One round: the verified drafted nodes (root excluded) and the new copied ones, each accepted or not."""
+        for table in (self.seen, self.accepted, self.mass, self.copy_seen, self.copy_accepted):
+            table *= self.decay
+        logp = np.asarray(logp, dtype=np.float64)
+        d, b = self._cells(logp, np.asarray(depths))
+        np.add.at(self.seen, (d, b), 1.0)
+        np.add.at(self.accepted, (d, b), np.asarray(accepted, dtype=np.float64))
+        np.add.at(self.mass, d, np.exp(np.minimum(logp, 0.0)))
+        j = np.minimum(copy_positions, len(self.copy_seen) - 1)
+        np.add.at(self.copy_seen, j, 1.0)
+        np.add.at(self.copy_accepted, j, np.asarray(copy_accepted, dtype=np.float64))
+
+
+def merged_gains(tree_gains: np.ndarray, copy_gains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cumulative gain, copied count) of the best j nodes, j = 1, 2, ...: a node from the tree (best-first
+    order) or the next copied one, whichever adds more. Both streams must be taken in order (a tree's prefix, a
+    copy's prefix); each is nearly decreasing, so the greedy merge picks the best split at every size."""
+    i = j = 0
+    gains, copied = [], []
+    while i < len(tree_gains) or j < len(copy_gains):
+        if j >= len(copy_gains) or (i < len(tree_gains) and tree_gains[i] >= copy_gains[j]):
+            gains.append(tree_gains[i])
+            i += 1
+        else:
+            gains.append(copy_gains[j])
+            j += 1
+        copied.append(j)
+    return np.cumsum(gains), np.array(copied, dtype=np.int64)
+
+
+@dataclass
+class Plan:
+    """A round's choice: verify ``size`` nodes (root included), ``copied`` of them copied from the context."""
+
+    size: int
+    copied: int
+    expected: float  # E[τ]
+    seconds: float  # predicted D + V
+
+
+def plan(tree_gains: np.ndarray, copy_gains: np.ndarray, costs: CostModel, ctx: int, draft_seconds: float,
+         candidates=CANDIDATES) -> Plan:
+    """The candidate budget with the most expected tokens per second; size 1 (the root alone) is always one."""
+    cum, copied = merged_gains(np.asarray(tree_gains, float), np.asarray(copy_gains, float))
+    sizes = np.array([n for n in candidates if n - 1 <= len(cum)])
+    expected = 1.0 + np.concatenate([[0.0], cum])[sizes - 1]
+    seconds = draft_seconds + costs.predict(sizes, ctx)
+    best = int(np.argmax(expected / seconds))
+    n = int(sizes[best])
+    return Plan(n, int(copied[n - 2]) if n > 1 else 0, float(expected[best]), float(seconds[best]))
+
+
+@dataclass
+class Knowledge:
+    """What a model pair on a machine has taught so far: costs and acceptance, kept across generations."""
+
+    costs: CostModel = field(default_factory=CostModel)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    drafts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last drafting times, seconds
+    drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
+    recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
+
+    def add_draft(self, seconds: float) -> None:
+        if np.isfinite(seconds) and seconds >= 0:
+            self.drafts.append(seconds)
+
+    @property
+    def draft_seconds(self) -> float | None:
+        """A round's drafting time: the median of the last ones (a busy machine's stalls are outliers, not cost)."""
+        return float(np.median(self.drafts)) if self.drafts else None
+
+    def add_drafted(self, tokens: int, seconds: float, ema: float = 0.25) -> None:
+        old = self.drafted or (float(tokens), seconds)
+        self.drafted = ((1 - ema) * old[0] + ema * tokens, (1 - ema) * old[1] + ema * seconds)
+
+    @property
+    def drafted_rate(self) -> float | None:
+        return None if self.drafted is None else self.drafted[0] / self.drafted[1]
+
+
+class Tuner:
+    """One generation's choices, over a ``Knowledge`` shared by the generations of one drafting setup.
+
+    Per round the loop calls ``wants_draft(ctx)`` (False: no drafting at all), then ``choose(...)`` with the full
+    draft's scores (if drafted) and the copy from the context (if any), and finally ``observe(...)`` with the
+    timings and the path.
+    The first drafted round warms up (kernels, caches) and is not timed; the next ones verify each of
+    ``PROBES`` once where its cost is not known; then every round takes ``plan``'s choice."""
+
+    SAVE_EVERY = 128  # rounds between two writes of the cache file (after a first one once the probes are done)
+
+    def __init__(self, knowledge: Knowledge | None = None, max_size: int = 64):
+        self.knowledge = knowledge or Knowledge()
+        self.limit(max_size)
+        # The first round of a process warms up (kernels, caches): it is neither timed nor, where nothing is known
+        # yet, chosen. A generation that goes on from what is known chooses from its first round.
+        self.warm = bool(self.knowledge.costs.count(1))
+        self.timed = False
+        self.plain_streak, self.backoff = 0, 1
+        self.capped = False  # the last drafted round chose all its draft could give
+        self._planned = float("nan")  # the seconds the last plan predicted
+        self.chosen: Counter[int] = Counter()  # budgets of the verified rounds; 1: the root alone
+        self.plain_steps = 0  # rounds that skipped drafting
+        self._unsaved = 0
+
+    def limit(self, max_size: int) -> None:
+        """The largest budget a round may draft (memory, or what the drafter's tables can hold)."""
+        self.max_size = max_size
+        self.candidates = tuple(n for n in CANDIDATES if n < max_size) + (max_size,)
+        self.probes = [n for n in PROBES if n <= max_size and not self.knowledge.costs.count(n)]
+
+    def wants_saving(self) -> bool:
+        """Whether the costs learnt are worth writing to the cache file now: once the probes are done, then every
+        ``SAVE_EVERY`` rounds."""
+        if not self.warm or self.probes:
+            return False
+        self._unsaved += 1
+        if self._unsaved == 1 or self._unsaved > self.SAVE_EVERY:
+            self._unsaved = 1
+            return True
+        return False
+
+    def draft_size(self) -> int:
+        """The budget to draft (how many head rows the drafter computes, ``drafting.head_rows``, which costs):
+        the largest of the recent choices, one candidate more when the last choice took the whole draft."""
+        if not self.warm or self.probes or not self.knowledge.recent:
+            return self.max_size
+        i = next((i for i, n in enumerate(self.candidates) if n >= max(self.knowledge.recent)), len(self.candidates) - 1)
+        return self.candidates[min(i + self.capped, len(self.candidates) - 1)]
+
+    def wants_draft(self, ctx: int, copy_positions: np.ndarray = np.zeros(0, np.int64)) -> bool:
+        """Draft this round, or not (a plain step, or the copy from the context alone, at ``copy_positions``).
+
+        Not while drafted rounds gave fewer tokens per second than this round's best plan without drafting is
+        expected to. The drafted rounds' tokens are those committed (no calibration lag), their seconds those
+        the fitted costs predict for their plans: one round's timing on a busy machine is noise. While
+        drafting loses, a round drafts anyway after ``backoff`` rounds (doubled each time it still loses) to see
+        whether the text has changed."""
+        k = self.knowledge
+        if not self.warm or self.probes or k.drafted_rate is None or not k.costs.count(1):
+            return True
+        alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0, self.candidates)
+        if k.drafted_rate >= alone.expected / alone.seconds:
+            self.plain_streak, self.backoff = 0, 1
+            return True
+        if self.plain_streak >= self.backoff:
+            self.plain_streak, self.backoff = 0, min(2 * self.backoff, MAX_BACKOFF)
+            return True
+        self.plain_streak += 1
+        return False
+
+    def choose(self, tree_logp: np.ndarray, tree_depths: np.ndarray, copy_positions: np.ndarray, ctx: int,
+               draft_seconds: float | None) -> Plan:
+        """The plan of a round: ``tree_logp``/``tree_depths`` of the drafted nodes past the root in best-first
+        order (none: not drafted, ``draft_seconds`` None), ``copy_positions`` the positions along the copy of the
+        nodes a copy would add."""
+        k = self.knowledge
+        self._planned = float("nan")  # (stays so for the warm-up and the probes: no choice of the model's)
+        if draft_seconds is None:
+            draft_seconds = 0.0
+        elif self.timed and self.probes:  # (the first round is not timed: no probe there)
+            n = self.probes.pop(0)
+            return Plan(n, 0, float("nan"), float("nan"))
+        elif k.draft_seconds is not None:
+            draft_seconds = k.draft_seconds  # the median: this round's own time is noisier
+        if not self.warm or not k.costs.count(1):
+            return Plan(min(16, self.max_size) if len(tree_logp) else 1, 0, float("nan"), float("nan"))
+        tree_gains = k.acceptance.prob(tree_logp, tree_depths)
+        copy_gains = k.acceptance.copy_prob(copy_positions)
+        chosen = plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds, self.candidates)
+        if len(tree_logp):
+            self.capped = chosen.size - chosen.copied >= len(tree_logp) + 1
+        self._planned = chosen.seconds
+        return chosen
+
+    def observe(self, size: int, drafted: bool, tokens: int, ctx: int, draft_seconds: float, verify_seconds: float,
+                accepted: tuple | None = None) -> None:
+        """A verified round: ``size`` nodes, ``tokens`` committed, its timings (``draft_seconds`` 0 for a plain
+        step) and, drafted, ``accepted`` = (logp, depths, accepted) of its drafted nodes and (positions,
+        accepted) of its copied ones, for ``Acceptance.observe``."""
+        k = self.knowledge
+        self.chosen[size] += 1
+        if not drafted:
+            self.plain_steps += 1
+        if accepted is not None:
+            k.acceptance.observe(*accepted)
+        if not self.timed:  # the first round pays for warming up: not a cost to learn
+            self.warm = self.timed = True
+            return
+        k.costs.add(size, ctx, verify_seconds)
+        if drafted:
+            k.add_draft(draft_seconds)
+            if np.isfinite(self._planned):  # a choice (not the warm-up or a probe)
+                self.knowledge.recent.append(size)
+                k.add_drafted(tokens, self._planned)
+
+    def summary(self) -> str:
+        """One line: the histogram of the budgets chosen and the plain steps."""
+        r = self.report()
+        sizes = ", ".join(f"{n}: {c}" for n, c in r["tree_sizes"].items())
+        return f"Tree sizes (auto): {{{sizes}}} over {r['rounds']} rounds, plain steps {r['plain_step_fraction']:.0%}"
+
+    def report(self) -> dict:
+        """The budgets chosen (a histogram over the verified rounds; 1: the root alone) and the plain steps."""
+        rounds = sum(self.chosen.values())
+        return {"tree_sizes": dict(sorted(self.chosen.items())), "rounds": rounds,
+                "plain_step_fraction": self.plain_steps / rounds if rounds else 0.0}
+
+
+# --- Knowledge kept across generations: in this process, and in a small cache file -------------------------------
+
+CACHE_VERSION = 1
+CACHE_ENTRIES = 16  # model pairs × machines remembered; the least recently used goes first
+CACHE_ENV = "TREEFLASH_AUTOTUNE_CACHE"  # the cache file; empty: none
+_PROCESS: OrderedDict[str, Knowledge] = OrderedDict()  # this process's setups, most recent last
+PROCESS_ENTRIES = 8
+
+
+def machine(device: str) -> str:
+    """This machine as the cache file tells machines apart: architecture, processor, cores and the MLX device."""
+    return f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores, {device}"
+
+
+def cache_path() -> Path | None:
+    """``$TREEFLASH_AUTOTUNE_CACHE``, else ``~/.cache/treeflash-mlx/autotune.json``; an empty value: no file."""
+    value = os.environ.get(CACHE_ENV)
+    if value is None:
+        return Path.home() / ".cache" / "treeflash-mlx" / "autotune.json"
+    return Path(value) if value else None
+
+
+def read_cache(path: Path | None) -> dict:
+    """The cache's entries; {} when there is none, or it is unreadable, corrupt or of another version."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+            return {}
+        return {k: v for k, v in data["entries"].items() if _valid_entry(v)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _valid_entry(entry) -> bool:
+    try:
+        rows = entry["costs"]
+        ok = all(len(r) == 3 and 1 <= int(r[0]) <= max(CANDIDATES) and np.isfinite(r[1]) and r[1] >= 0
+                 and np.isfinite(r[2]) and r[2] > 0 for r in rows)
+        return ok and float(entry["used"]) >= 0 and (entry.get("draft") is None or float(entry["draft"]) > 0)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def write_cache(path: Path | None, key: str, knowledge: Knowledge) -> None:
+    """Record ``knowledge``'s costs under ``key``: at most ``CACHE_ENTRIES`` entries, written whole to a temporary
+    file and renamed over the old one (a reader never sees half a file). A failure to write loses nothing
+    but the head start, so it is ignored."""
+    if path is None or not knowledge.costs.observations:
+        return
+    entries = read_cache(path)
+    entries[key] = {"costs": knowledge.costs.state(), "draft": knowledge.draft_seconds, "used": time.time()}
+    entries = dict(sorted(entries.items(), key=lambda kv: kv[1]["used"])[-CACHE_ENTRIES:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".autotune-", delete=False) as f:
+            json.dump({"version": CACHE_VERSION, "entries": entries}, f)
+        os.replace(f.name, path)
+    except OSError:
+        try:
+            os.unlink(f.name)
+        except (OSError, NameError):
+            pass
+
+
+def knowledge_for(key: str, path: Path | None) -> Knowledge:
+    """This process's knowledge of ``key``, else a new one seeded with the cache file's costs for it."""
+    if key in _PROCESS:
+        _PROCESS.move_to_end(key)
+        return _PROCESS[key]
+    knowledge = Knowledge()
+    entry = read_cache(path).get(key) if path is not None else None
+    if entry:
+        for n, ctx, seconds in entry["costs"]:
+            knowledge.costs.add(int(n), float(ctx), float(seconds))
+        if entry.get("draft") is not None:
+            knowledge.add_draft(float(entry["draft"]))
+    _PROCESS[key] = knowledge
+    while len(_PROCESS) > PROCESS_ENTRIES:
+        _PROCESS.popitem(last=False)
+    return knowledge
