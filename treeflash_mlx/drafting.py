@@ -445,7 +445,7 @@ class AutoDrafting(DrafterDrafting):
         for size in sorted({n for n in autotune.CANDIDATES if n <= o.tree_size} | {o.tree_size}, reverse=True):
             try:
                 check_tree_budget(size, o.mode, self.drafter.args.block_size, o.top_m, o.top_k, context,
-                                  t.vocab_size, t.model.args.num_attention_heads, hidden_size=t.hidden_size,
+                                  t.vocab_size, t.family.args.num_attention_heads, hidden_size=t.hidden_size,
                                   head_vocab=o.head_vocab)
             except ValueError as err:
                 error = error or err
