@@ -2,11 +2,17 @@
 
 Qwen2.5-Coder-0.5B-Instruct (its template has tool calls; mlx-lm gives its tokenizer the JSON tool parser), in
 float32 as tests/test_real_pair.py finds or makes it, with the shipped drafter on our side; greedy. The same
-requests (tools, a tool-result follow-up) must give the same message: content, ``tool_calls`` (parsed) and
-finish reason. This 0.5B model writes its calls as bare JSON, without the ``<tool_call>`` marker token (its logit
-stays far below the others even with a large logit bias), so both servers answer them as content; the parsing of
-marked calls is covered by tests/test_server_tools.py with mlx-lm's own parser. Skipped with the reason where the
-model is not on this machine. Slow: ``-m "not slow"`` leaves it out.
+requests (tools, a tool-result follow-up) must give the same message: content, ``tool_calls`` (parsed) and finish
+reason. No parsed call is compared here: this model (and the 1.5B) never emits the ``<tool_call>`` marker token (id
+151657), it writes its calls as bare or fenced JSON, so both servers answer them as content. In these checkpoints
+(dequantized from the official GGUF files) the marker's embedding row, which is also its output row (tied), equals
+the rows of unused placeholder tokens (``<|box_end|>``; in the 1.5B also the vision ones), as an untrained token's
+would. Measured with plain mlx-lm, greedy: its log-probability at the first reply token is -21 to -24 in the 0.5B
+and the 1.5B alike, with a system prompt that asks for ``<tool_call>`` tags only, with "Use the get_weather tool.",
+with an earlier assistant turn that called a tool, and even when asked to repeat a message that holds the marker; a
+logit bias that forces it makes the 0.5B repeat it without end. The parsing of marked calls is covered by
+tests/test_server_tools.py with mlx-lm's own parser. Skipped with the reason where the model is not on this machine.
+Slow: ``-m "not slow"`` leaves it out.
 """
 
 from __future__ import annotations
