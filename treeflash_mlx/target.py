@@ -22,6 +22,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.gemma3_text import clip_residual  # the residual sum Gemma 3 clips in float16
 
 from . import cpu_kernels
+from .pipeline import Stage
 
 SUPPORTED_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama", "gemma3_text")
 SLIDING_FAMILIES = ("llama", "gemma3_text")  # the families whose sliding-window layers this module runs
@@ -30,7 +31,7 @@ SWIGLU_FAMILIES = ("qwen3", "qwen3_moe", "qwen2", "llama")  # their dense ``MLP`
 
 def layer_windows(model: nn.Module, family: str) -> list[int | None]:
     """Each layer's attention window (None: the whole context), as mlx-lm's ``make_cache`` sizes its caches."""
-    layers = model.model.layers
+    layers = [layer for layer in model.model.layers if layer is not None]  # pipelined: this rank's layers
     if family == "llama":
         sliding = [layer.use_sliding for layer in layers]
         window = model.model.sliding_window
@@ -91,7 +92,9 @@ class Target:
         self.windows = layer_windows(model, family)
         self.model = model
         self.family = family
-        self.layers = model.model.layers
+        self.stage = Stage(model)  # a pipelined target: which layers this rank runs (docs/distributed.md)
+        self.layers = self.stage.layers
+        self.num_layers = self.stage.num_layers
         self.embed_tokens = model.model.embed_tokens
         args = model.args
         self.hidden_size: int = args.hidden_size
@@ -187,13 +190,14 @@ class Target:
             query_positions = mx.arange(offset, offset + n) if positions is None else rope_positions
             for w in set(self.windows) - {None}:
                 masks[w] = window_mask(mask, offset, query_positions, w)
-        h = self.embed(tokens[None])
+        h = self.stage.receive(self.embed(tokens[None]))
         features = {}
-        for i, (layer, c, w) in enumerate(zip(self.layers, cache, self.windows)):
+        for i, (layer, c, w) in enumerate(zip(self.layers, cache, self.windows), start=self.stage.first):
             layer_mask, lo = masks[w]
             h = self._block(layer, h, layer_mask, c, rope_positions, lo)
             if i in capture:
                 features[i] = h
+        h, features = self.stage.gather(h, features, capture)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.model.model.norm(h))[0]

@@ -1,0 +1,40 @@
+"""A target whose layers mlx-lm's ``pipeline()`` split over the ranks of ``mlx.launch`` (docs/distributed.md).
+
+mlx-lm gives each rank of a pipeline of P ranks a run of consecutive layers: rank P - 1 the first ones, rank 0 the
+last ones (the other layers are None on that rank). A pass flows from rank P - 1 down to rank 0: each rank takes
+the hidden states from the rank above, runs its layers and hands them to the rank below. Rank 0 then holds the
+last layer's output, and each rank the outputs of the captured layers it ran. One ``all_sum`` of rank 0's output
+and each rank's captures (zeros in the others' places, so every sum is exact) gives every rank the logits' input
+and every feature the drafter reads: each rank can then draft and take the same round.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class Stage:
+    """Which layers this process runs, and the hand-overs around them (nothing to do for a whole model)."""
+
+    def __init__(self, model: nn.Module):
+        inner = model.model
+        self.size = getattr(inner, "pipeline_size", 1)
+        self.rank = getattr(inner, "pipeline_rank", 0)
+        self.first = inner.start_idx if self.size > 1 else 0  # the global index of this rank's first layer
+        self.layers = [layer for layer in inner.layers if layer is not None]
+        self.num_layers = model.args.num_hidden_layers if self.size > 1 else len(self.layers)
+
+    def receive(self, h: mx.array) -> mx.array:
+        """The hidden states entering this rank's first layer (``h``: the embeddings, for the first rank)."""
+        return mx.distributed.recv_like(h, self.rank + 1) if self.rank < self.size - 1 else h
+
+    def gather(self, h: mx.array, features: dict, capture) -> tuple[mx.array, dict]:
+        """The last layer's output and every captured layer's, on every rank (``features``: this rank's)."""
+        if self.size == 1:
+            return h, features
+        if self.rank > 0:
+            h = mx.depends(mx.zeros_like(h), mx.distributed.send(h, self.rank - 1))  # sent on; rank 0 has the output
+        parts = [h] + [features.get(i, mx.zeros_like(h)) for i in capture]
+        total = mx.distributed.all_sum(mx.concatenate(parts, axis=0))
+        return total[:1], {i: total[1 + j : 2 + j] for j, i in enumerate(capture)}
