@@ -3,7 +3,8 @@
 ``python distributed_worker.py SPEC OUT``: SPEC is a JSON file of cases, each ``{"name", "model", "drafter",
 "pipeline", "modes", "prompt", "max_tokens", "temp", "seed", "tree_size", "reference"}``; this rank writes
 ``OUT/rank<r>.json`` with, per case, the layers and attention heads it holds and, per mode, the tokens it committed (and with ``reference``, mlx-lm's own
-greedy tokens from the same sharded model). ``"hang_after"``/``"exit_after"`` N in a case makes rank 1 stop
+greedy tokens from the same sharded model). ``"rank1_tree_size"`` makes rank 1 draft trees of
+another size than rank 0's. ``"hang_after"``/``"exit_after"`` N in a case makes rank 1 stop
 answering (sleep) or die after its N-th token, to test how the other ranks end.
 """
 
@@ -40,16 +41,21 @@ def run_case(case: dict, rank: int) -> dict:
         if case.get("seed") is not None:
             mx.random.seed(case["seed"] + rank * 1000)  # a different seed per rank: rank 0's must win
         tokens = []
-        kwargs = {"tree_size": case["tree_size"]} if case.get("tree_size") and mode != "ar" else {}
+        tree_size = case.get("rank1_tree_size") if rank == 1 else None  # a rank drafting other trees than rank 0
+        tree_size = tree_size or case.get("tree_size")
+        kwargs = {"tree_size": tree_size} if tree_size and mode != "ar" else {}
+        rounds = {}
         for r in stream_generate(model, tokenizer, case["prompt"], case["max_tokens"],
                                  drafter=drafter if mode != "ar" else None, mode=mode,
                                  sampler=make_sampler(case.get("temp", 0.0)), **kwargs):
             tokens.append(r.token)
+            rounds[r.round] = r.acceptance_length
             if rank == 1 and len(tokens) == case.get("hang_after"):
                 time.sleep(3600)
             if rank == 1 and len(tokens) == case.get("exit_after"):
                 os._exit(3)
         out[mode] = tokens
+        out[f"{mode} acceptance"] = [tau for n, tau in rounds.items() if n > 0]
     if case.get("reference"):
         out["mlx_lm"] = mlx_lm_greedy(model, tokenizer.encode(case["prompt"]), case["max_tokens"])
     return out

@@ -40,17 +40,21 @@ def launch(spec: list[dict], out: Path, timeout: float = 240) -> subprocess.Comp
         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def single(case: dict, mode: str) -> list[int]:
-    """The same case in this (single) process."""
+def single(case: dict, mode: str, acceptance: bool = False):
+    """The same case in this (single) process: its tokens (and with ``acceptance`` the rounds' lengths)."""
     import mlx.core as mx
 
     model, tokenizer, drafter = load(case["model"], case.get("drafter"))
     if case.get("seed") is not None:
         mx.random.seed(case["seed"])
     kwargs = {"tree_size": case["tree_size"]} if case.get("tree_size") and mode != "ar" else {}
-    return [r.token for r in stream_generate(model, tokenizer, case["prompt"], case["max_tokens"],
-                                             drafter=drafter if mode != "ar" else None, mode=mode,
-                                             sampler=make_sampler(case.get("temp", 0.0)), **kwargs)]
+    responses = list(stream_generate(model, tokenizer, case["prompt"], case["max_tokens"],
+                                     drafter=drafter if mode != "ar" else None, mode=mode,
+                                     sampler=make_sampler(case.get("temp", 0.0)), **kwargs))
+    tokens = [r.token for r in responses]
+    if not acceptance:
+        return tokens
+    return tokens, list({r.round: r.acceptance_length for r in responses if r.round > 0}.values())
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,7 @@ def sharded_runs(qwen2_pair, tmp_path_factory):
         {**qwen2, "name": "qwen2", "modes": ["treeflash", "chain"], "reference": True},
         {**qwen2, "name": "qwen2-pipeline", "modes": ["treeflash", "ar"], "pipeline": True, "reference": True},
         {**demo, "name": "sampled", "modes": ["treeflash"], "temp": 1.0, "seed": 7, "max_tokens": 16},
+        {**qwen2, "name": "other-trees", "modes": ["treeflash"], "rank1_tree_size": 3},
     ]
     out = tmp_path_factory.mktemp("sharded")
     done = launch(cases, out)
@@ -101,11 +106,23 @@ def test_tensor_parallel_greedy_is_the_single_process_output(sharded_runs, name,
 
 @pytest.mark.parametrize("mode", ["treeflash", "ar"])
 def test_pipeline_greedy_is_the_single_process_output(sharded_runs, mode):
+    """Each rank runs 2 of the 4 layers. The acceptance is the single process's too: the drafter reads captured
+    layers of both ranks (1 and 2), gathered exactly, so every rank drafts the single process's trees."""
     cases, ranks = sharded_runs
-    assert [r["qwen2-pipeline"]["layers"] for r in ranks] == [2, 2] and ranks[0]["qwen2-pipeline"]["heads"] == 4
-    assert ranks[0]["qwen2-pipeline"][mode] == ranks[1]["qwen2-pipeline"][mode]
-    assert ranks[0]["qwen2-pipeline"][mode] == ranks[0]["qwen2-pipeline"]["mlx_lm"]
-    assert ranks[0]["qwen2-pipeline"][mode] == single(cases["qwen2-pipeline"], mode)
+    run = [r["qwen2-pipeline"] for r in ranks]
+    assert [(r["layers"], r["heads"]) for r in run] == [(2, 4)] * 2
+    assert run[0][mode] == run[1][mode] == run[0]["mlx_lm"]
+    tokens, acceptance = single(cases["qwen2-pipeline"], mode, acceptance=True)
+    assert run[0][mode] == tokens
+    assert run[0][f"{mode} acceptance"] == run[1][f"{mode} acceptance"] == acceptance
+
+
+def test_every_rank_verifies_rank_0s_tree(sharded_runs):
+    """Rank 1 drafts trees of 3 nodes, rank 0 of 8: both verify and commit rank 0's, as one process does."""
+    cases, ranks = sharded_runs
+    tokens, acceptance = single(cases["other-trees"], "treeflash", acceptance=True)
+    assert ranks[0]["other-trees"]["treeflash"] == ranks[1]["other-trees"]["treeflash"] == tokens
+    assert ranks[1]["other-trees"]["treeflash acceptance"] == acceptance
 
 
 def test_seeded_sampling_follows_rank_0(sharded_runs):
@@ -159,3 +176,45 @@ def test_the_command_line_prints_once_under_mlx_launch(tmp_path):
     alone = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, env=env,
                            cwd=tmp_path)
     assert json.loads(lines[0])["tokens"] == json.loads(alone.stdout)["tokens"]
+
+
+def test_the_server_answers_from_rank_0_with_the_single_process_text(tmp_path):
+    """``python -m treeflash_mlx.server`` on 2 ranks: rank 0 answers HTTP and shares each request; both ranks run
+    it. Two completions (the second reusing the first's prompt cache) give the single process's text."""
+    import http.client
+    import re
+    import threading
+
+    from treeflash_mlx.speculative import generate as generate_text
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
+                             "-m", "treeflash_mlx.server", "--port", "0", "--rank-timeout", "60"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    lines, ready = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(180), "".join(lines)[-2000:]
+        port = int(re.search(r":(\d+)/v1", next(line for line in lines if "serving" in line)).group(1))
+        model, tokenizer, drafter = load(str(DEMO / "target"), str(DEMO / "drafter"))
+        for prompt in (PROMPT, PROMPT + " return"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 12}),
+                         {"Content-Type": "application/json"})
+            answer = json.loads(conn.getresponse().read())
+            assert answer["choices"][0]["text"] == generate_text(model, tokenizer, prompt, max_tokens=12,
+                                                                 drafter=drafter)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert sum("serving" in line for line in lines) == 1  # rank 0 alone says it serves

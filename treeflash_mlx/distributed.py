@@ -42,6 +42,20 @@ _BACKEND_ERRORS = ("[ring]", "[jaccl]", "[mpi]", "[nccl]", "[distributed]")  # h
 _rank_timeout = DEFAULT_RANK_TIMEOUT
 
 
+class BroadcastClock:
+    """Wall time this process spent in the rounds' broadcasts (waiting for rank 0 included): the benchmark's
+    measure of what agreeing on every round costs."""
+
+    def __init__(self):
+        self.seconds, self.count = 0.0, 0
+
+    def reset(self) -> None:
+        self.seconds, self.count = 0.0, 0
+
+
+broadcasts = BroadcastClock()
+
+
 class RankLost(ConnectionError):
     """A collective failed: another rank died or its connection broke."""
 
@@ -70,6 +84,38 @@ def rank0_prints():
         except RankLost as err:
             print(f"error: {err}", file=real, flush=True)
             raise SystemExit(1) from None
+
+
+def share(obj=None):
+    """Rank 0's ``obj`` (anything picklable; None: nothing) on every rank. The other ranks pass nothing and wait,
+    unwatched, until rank 0 shares: a server's ranks > 0 wait here for its next request."""
+    import pickle
+
+    group = world()
+    data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if group.rank() == 0 else np.zeros(0, np.uint8)
+    size = int(mx.distributed.all_sum(mx.array(len(data)), stream=mx.cpu).item())
+    buf = data if group.rank() == 0 else np.zeros(size, np.uint8)
+    with watched("a shared request"):
+        out = np.array(mx.distributed.all_sum(mx.array(buf), stream=mx.cpu))
+    return obj if group.rank() == 0 else pickle.loads(out.tobytes())
+
+
+def largest(values: list[int]) -> list[int]:
+    """Each value's largest over the ranks (one collective): what every rank then sees alike."""
+    if world().size() == 1 or not values:
+        return values
+    with watched("the prompt caches' sizes"):
+        return np.array(mx.distributed.all_max(mx.array(values, dtype=mx.int64), stream=mx.cpu)).tolist()
+
+
+def add_arguments(p) -> None:
+    """The command lines' flags for a target sharded over the processes of ``mlx.launch``."""
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch: give each process a run of the target's layers (pipeline parallelism) "
+                        "instead of a share of every layer's weights (tensor parallelism, the default)")
+    p.add_argument("--rank-timeout", type=float, default=DEFAULT_RANK_TIMEOUT,
+                   help="under mlx.launch: seconds a process waits for the others in one step before it ends with "
+                        f"an error (default: {DEFAULT_RANK_TIMEOUT:g})")
 
 
 def set_rank_timeout(seconds: float) -> None:
@@ -209,14 +255,16 @@ class Alone:
 class Ranks(Alone):
     """The ranks of a sharded target agreeing on each round: rank 0's tree and rank 0's accepted path.
 
-    Broadcasts carry a fixed number of values (every rank must pass the same shape): ``capacity`` bounds a tree's
-    nodes. A first value of -1 carries rank 0's failure to the others, which then raise too instead of waiting."""
+    Broadcasts carry a fixed number of values (every rank must pass the same shape): ``capacity``, the largest of
+    the ranks' bounds on a tree's nodes. A first value of -1 carries rank 0's failure to the others, which then raise too instead of waiting."""
 
     FAILED = -1
 
     def __init__(self, group: mx.distributed.Group, capacity: int):
-        self.group, self.capacity = group, capacity
+        self.group = group
         self.main = group.rank() == 0
+        with watched("the start of the generation"):  # the largest of the ranks' bounds: one shape for all
+            self.capacity = int(mx.distributed.all_max(mx.array(capacity), group=group, stream=mx.cpu).item())
 
     def _broadcast(self, values: list[int] | None, what: str) -> np.ndarray:
         """Rank 0's ``values`` (padded to 2 + 2 * capacity; None: its failure) on every rank."""
@@ -225,9 +273,11 @@ class Ranks(Alone):
         if self.main:
             values = [self.FAILED] if values is None else values
             buf[: len(values)] = values
+        tic = time.perf_counter()
         with watched(what):
-            out = mx.distributed.all_sum(mx.array(buf), group=self.group, stream=mx.cpu)
-            out = np.array(out)
+            out = np.array(mx.distributed.all_sum(mx.array(buf), group=self.group, stream=mx.cpu))
+        broadcasts.seconds += time.perf_counter() - tic
+        broadcasts.count += 1
         if out[0] == self.FAILED:
             raise ValueError(f"rank 0 failed ({what}); its error is in rank 0's output")
         return out

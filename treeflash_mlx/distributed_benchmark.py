@@ -5,8 +5,9 @@ process (docs/distributed.md):
 
 One interleaved run: each repetition times, prompt by prompt, plain decoding and TreeFlash on the whole target in
 rank 0 alone (the other ranks wait at a barrier), then both on the shards over every rank. Rank 0 prints tokens per
-second, the speed-ups over plain decoding, and the collectives' share of a sharded step: one collective of a
-step's shape, timed on its own, times the collectives a target pass makes, over the step's time.
+second, the speed-ups over plain decoding (mlx-lm's own, sharded or not), and the collectives' share of a sharded
+step: the all_sums a target pass makes (timed in a chain of the step's shape) and the broadcasts that keep the
+ranks on rank 0's trees and paths, over the step's time.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from ._cli import add_drafting_arguments, drafting_settings, run_cli
 from .benchmark import read_prompts
 from .checkpoints import MODEL_FILES, resolve
 from .drafting import default_mode, make_drafting
-from .generate import add_distributed_arguments
 from .loading import demo_paths, load
-from .speculative import RoundStats, stream_generate
+from .speculative import stream_generate
 from .target import Target
 from .validation import integer
 
@@ -35,10 +35,18 @@ def barrier() -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
 
 
-def speed(model, tokenizer, drafter, prompt, mode, args, stats=None) -> tuple[float, int, list[int]]:
-    """(seconds, tokens, acceptance lengths) of one greedy generation; ``drafter`` None: plain decoding."""
-    drafting = make_drafting(drafter, Target(model), mode if drafter is not None else "ar", **drafting_settings(args))
-    responses = list(stream_generate(model, tokenizer, prompt, args.max_tokens, drafter=drafting, stats=stats))
+def plain_speed(model, tokenizer, prompt, max_tokens: int) -> tuple[float, int]:
+    """(seconds, tokens) of mlx-lm's own greedy decoding (on shards: mlx-lm's sharded decoding)."""
+    from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+
+    last = list(mlx_lm_stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))[-1]
+    return last.generation_tokens / last.generation_tps, last.generation_tokens
+
+
+def tree_speed(model, tokenizer, drafter, prompt, mode, args, max_tokens: int) -> tuple[float, int, list[int]]:
+    """(seconds, tokens, acceptance lengths) of one greedy TreeFlash generation."""
+    drafting = make_drafting(drafter, Target(model), mode, **drafting_settings(args))
+    responses = list(stream_generate(model, tokenizer, prompt, max_tokens, drafter=drafting))
     last = responses[-1]
     taus = list({r.round: r.acceptance_length for r in responses if r.round > 0}.values())
     return last.generation_tokens / last.generation_tps, last.generation_tokens, taus
@@ -46,19 +54,35 @@ def speed(model, tokenizer, drafter, prompt, mode, args, stats=None) -> tuple[fl
 
 def collectives_per_pass(model) -> int:
     """The all_sums one pass of a sharded target makes: one per sharded-to-all linear (tensor parallelism), and
-    the hand-over's one all_sum for a pipeline."""
+    the hand-over's one for a pipeline (plus its sends, not counted)."""
     count = sum(isinstance(m, (ShardedToAllLinear, QuantizedShardedToAllLinear)) for _, m in model.named_modules())
     return count + (1 if getattr(model.model, "pipeline_size", 1) > 1 else 0)
 
 
-def all_sum_seconds(nodes: int, hidden: int, dtype, repeats: int = 20) -> float:
-    """One all_sum of a (1, nodes, hidden) array, timed alone (each waited for, as in a pass's chain of layers)."""
+def chained_all_sum_seconds(nodes: int, hidden: int, dtype, count: int = 32) -> float:
+    """One all_sum of a (1, nodes, hidden) array inside a chain of them evaluated at once, as a pass's layers
+    make them: the collective's own cost, without the wait for the slowest rank at the start of an eval."""
     x = mx.ones((1, nodes, hidden), dtype=dtype)
     mx.eval(mx.distributed.all_sum(x))
     tic = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval(mx.distributed.all_sum(x))
-    return (time.perf_counter() - tic) / repeats
+    for _ in range(count):
+        x = mx.distributed.all_sum(x) * 0.5
+    mx.eval(x)
+    return (time.perf_counter() - tic) / count
+
+
+class Tally:
+    def __init__(self):
+        self.seconds, self.tokens, self.taus = 0.0, 0, []
+
+    def add(self, seconds: float, tokens: int, taus: list[int] = ()) -> None:
+        self.seconds += seconds
+        self.tokens += tokens
+        self.taus += list(taus)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -68,8 +92,11 @@ def measure(args: argparse.Namespace) -> None:
         raise ValueError("run this under mlx.launch with 2 or more processes (see docs/distributed.md)")
     integer("--repeats", args.repeats, low=1)
     integer("--num-prompts", args.num_prompts, low=1)
+    integer("--max-tokens", args.max_tokens, low=1)
     args.model, args.drafter = demo_paths(args.model, args.drafter)
     model, tokenizer, drafter = load(args.model, args.drafter, pipeline=args.pipeline)
+    if drafter is None:
+        raise ValueError("the benchmark compares TreeFlash with plain decoding: pass --drafter with --model")
     mode = args.mode or default_mode(drafter)
     prompts = read_prompts(args.prompts, None, tokenizer, args.num_prompts)
     whole = None
@@ -77,47 +104,46 @@ def measure(args: argparse.Namespace) -> None:
         from mlx_lm.utils import load as mlx_load
 
         whole, _ = mlx_load(str(resolve(args.model, MODEL_FILES, "model")))
-    times = {key: [0.0, 0] for key in ("single plain", "single tree", "sharded plain", "sharded tree")}
-    taus: list[int] = []
-    for _ in range(args.repeats):
-        for prompt in prompts:
+    runs = {key: Tally() for key in ("single plain", "single tree", "sharded plain", "sharded tree")}
+    for rep in range(args.repeats + 1):  # the first repetition warms up (a few tokens, not counted)
+        tokens = args.max_tokens if rep else min(8, args.max_tokens)
+        if rep == 1:
+            distributed.broadcasts.reset()
+        for prompt in prompts[: len(prompts) if rep else 1]:
             if whole is not None:
-                for key, d in (("single plain", None), ("single tree", drafter)):
-                    seconds, n, _ = speed(whole, tokenizer, d, prompt, mode, args)
-                    times[key][0] += seconds
-                    times[key][1] += n
+                single = (plain_speed(whole, tokenizer, prompt, tokens),
+                          tree_speed(whole, tokenizer, drafter, prompt, mode, args, tokens))
             barrier()  # the other ranks wait here while rank 0 runs alone
-            for key, d in (("sharded plain", None), ("sharded tree", drafter)):
-                seconds, n, t = speed(model, tokenizer, d, prompt, mode, args)
-                times[key][0] += seconds
-                times[key][1] += n
-                taus += t if d is not None else []
-    stats = RoundStats()  # one profiled sharded generation: the rounds' time and tree sizes
-    _, _, round_taus = speed(model, tokenizer, drafter, prompts[0], mode, args, stats=stats)
-    nodes = int(np.mean([r.nodes for r in stats.rounds])) if stats.rounds else 1
+            sharded = (plain_speed(model, tokenizer, prompt, tokens),
+                       tree_speed(model, tokenizer, drafter, prompt, mode, args, tokens))
+            if rep:
+                for where, (plain, tree) in (("sharded", sharded),) + ((("single", single),) if whole else ()):
+                    runs[f"{where} plain"].add(*plain)
+                    runs[f"{where} tree"].add(*tree)
     target = Target(model)
     dtype = target.embed_tokens(mx.array([0])).dtype
     per_pass = collectives_per_pass(model)
-    step_cost = all_sum_seconds(1, target.hidden_size, dtype) * per_pass
-    round_cost = all_sum_seconds(nodes, target.hidden_size, dtype) * per_pass + 2 * all_sum_seconds(1, 1, mx.int32)
+    tree = runs["sharded tree"]
+    nodes = drafting_settings(args).get("tree_size") or make_drafting(drafter, target, mode).max_nodes()
+    pass_cost = {n: per_pass * chained_all_sum_seconds(n, target.hidden_size, dtype) for n in (1, nodes)}
     if not main:
         return
-    tps = {key: n / s if s else float("nan") for key, (s, n) in times.items()}
-    round_seconds = sum(stats.seconds.values()) / max(len(stats.rounds), 1)
-    plain_step = times["sharded plain"][0] / max(times["sharded plain"][1], 1)
-    print(f"{group.size()} ranks ({'pipeline' if args.pipeline else 'tensor'} parallel), {mode}, "
-          f"{len(prompts)} prompts x {args.repeats} repeats, {args.max_tokens} tokens each, greedy")
-    print(f"{'':<10}{'plain tok/s':>12}{'tree tok/s':>12}{'speed-up':>10}")
+    plain_step = runs["sharded plain"].seconds / runs["sharded plain"].tokens
+    round_seconds = tree.seconds / len(tree.taus)
+    agree = distributed.broadcasts.seconds / len(tree.taus)
+    print(f"{group.size()} ranks ({'pipeline' if args.pipeline else 'tensor'} parallel), {mode}, {len(prompts)} "
+          f"prompts x {args.repeats} interleaved repeats, {args.max_tokens} tokens each, greedy; plain: mlx-lm's")
+    print(f"{'':<9}{'plain tok/s':>12}{'tree tok/s':>12}{'speed-up':>10}")
     for where in ("single", "sharded"):
-        if times[f"{where} plain"][1]:
-            plain, tree = tps[f"{where} plain"], tps[f"{where} tree"]
-            print(f"{where:<10}{plain:>12.1f}{tree:>12.1f}{tree / plain:>9.2f}x")
-    if taus:
-        print(f"acceptance (sharded): {np.mean(taus):.2f} tokens per target pass over {len(taus)} rounds")
-    print(f"collectives: {per_pass} all_sums per target pass; plain step: {1e3 * step_cost:.2f} ms of "
-          f"{1e3 * plain_step:.2f} ms ({100 * step_cost / plain_step:.0f}%); tree round ({nodes} nodes, with the "
-          f"2 broadcasts of tree and path): {1e3 * round_cost:.2f} ms of {1e3 * round_seconds:.2f} ms "
-          f"({100 * round_cost / round_seconds:.0f}%)")
+        plain, ours = runs[f"{where} plain"], runs[f"{where} tree"]
+        if plain.tokens:
+            print(f"{where:<9}{plain.tps:>12.1f}{ours.tps:>12.1f}{ours.tps / plain.tps:>9.2f}x")
+    print(f"acceptance (sharded): {np.mean(tree.taus):.2f} tokens per round over {len(tree.taus)} rounds")
+    print(f"collectives in a target pass ({per_pass} all_sums, timed in a chain): plain step "
+          f"{1e3 * pass_cost[1]:.2f} ms of {1e3 * plain_step:.2f} ms ({100 * pass_cost[1] / plain_step:.0f}%); "
+          f"tree round ({nodes} nodes) {1e3 * pass_cost[nodes]:.2f} ms of {1e3 * round_seconds:.2f} ms "
+          f"({100 * pass_cost[nodes] / round_seconds:.0f}%)")
+    print(f"rank 0's broadcasts of trees and paths: {1e3 * agree:.2f} ms a round ({100 * agree / round_seconds:.0f}%)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-single", action="store_true",
                    help="no single-process baseline (a target too large for one machine)")
     add_drafting_arguments(p)
-    add_distributed_arguments(p)
+    distributed.add_arguments(p)
     return p
 
 

@@ -46,18 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the prefill's progress on stderr (prompts of several chunks), then speed, "
                         "acceptance and memory after the text")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    add_distributed_arguments(p)
+    distributed.add_arguments(p)
     return p
-
-
-def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of a target sharded over the processes of ``mlx.launch`` (docs/distributed.md)."""
-    p.add_argument("--pipeline", action="store_true",
-                   help="under mlx.launch: give each process a run of the target's layers (pipeline parallelism) "
-                        "instead of a share of every layer's weights (tensor parallelism, the default)")
-    p.add_argument("--rank-timeout", type=float, default=distributed.DEFAULT_RANK_TIMEOUT,
-                   help="under mlx.launch: seconds a process waits for the others in one step before it ends with "
-                        f"an error (default: {distributed.DEFAULT_RANK_TIMEOUT:g})")
 
 
 MAX_SEED = 2**64 - 1  # MLX seeds are unsigned 64-bit

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from . import quantized_kv
+from . import distributed, quantized_kv
 from ._cli import add_drafting_arguments, drafting_settings
 from .drafting import default_mode, make_drafting
 from .loading import demo_paths, load
@@ -68,8 +68,10 @@ class CacheLRU:
 
     MIN_SHARED = 8
 
-    def __init__(self, max_entries: int, max_bytes: int | None):
-        self.max_entries, self.max_bytes = max_entries, max_bytes
+    def __init__(self, max_entries: int, max_bytes: int | None, sizes=lambda sizes: sizes):
+        # ``sizes``: the entries' bytes as the bound sees them; with a sharded target every rank's largest, so
+        # that every rank evicts alike (distributed.largest)
+        self.max_entries, self.max_bytes, self.sizes = max_entries, max_bytes, sizes
         self.entries: list[PromptCache] = []
         self.lock = threading.Lock()
 
@@ -101,10 +103,10 @@ class CacheLRU:
             return
         with self.lock:
             self.entries.append(cache)
-            while len(self.entries) > self.max_entries or (
-                self.max_bytes is not None and self.entries and self.nbytes() > self.max_bytes
-            ):
+            sizes = self.sizes([c.nbytes for c in self.entries]) if self.max_bytes is not None else []
+            while len(self.entries) > self.max_entries or (self.max_bytes is not None and sum(sizes) > self.max_bytes):
                 self.entries.pop(0)
+                sizes = sizes[1:]
 
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.entries)
@@ -132,7 +134,9 @@ class Engine:
         self.args = args
         model_path, drafter_path = demo_paths(args.model, args.drafter)
         tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
-        self.model, self.tokenizer, self.drafter = load(model_path, drafter_path, tokenizer_config)
+        self.model, self.tokenizer, self.drafter = load(model_path, drafter_path, tokenizer_config,
+                                                        pipeline=args.pipeline)
+        self.sharded = distributed.world().size() > 1  # rank 0 shares each request; the others follow()
         if args.chat_template:
             self.tokenizer.chat_template = args.chat_template
         self.target = Target(self.model)
@@ -143,10 +147,12 @@ class Engine:
         self.model_names = {"default_model", args.model or "treeflash-demo", str(model_path),
                             str(self.model.model_path)}
         self.model_id = args.model or "treeflash-demo"
-        self.caches = CacheLRU(args.prompt_cache_size, args.prompt_cache_bytes)
+        self.caches = CacheLRU(args.prompt_cache_size, args.prompt_cache_bytes,
+                               distributed.largest if self.sharded else (lambda sizes: sizes))
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="generation", daemon=True)
-        self.worker.start()
+        if distributed.is_main():
+            self.worker.start()
 
     def submit(self, job: Job) -> Job:
         self.jobs.put(job)
@@ -154,6 +160,21 @@ class Engine:
 
     def stop(self) -> None:
         self.jobs.put(None)
+        if self.sharded:
+            self.worker.join()
+            distributed.share(None)  # the other ranks' follow() ends
+
+    def follow(self) -> None:
+        """Ranks > 0 of a sharded target: run each generation rank 0 shares, in step with it, answering no one,
+        until rank 0 shares None (it stops)."""
+        while (order := distributed.share()) is not None:
+            try:
+                for _ in self._responses(order):
+                    pass
+            except distributed.RankLost:
+                raise
+            except Exception:  # rank 0 meets the same error with the same input, and answers it
+                log.debug("generation failed", exc_info=True)
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -175,29 +196,41 @@ class Engine:
             job.out.put(("error", err))
             return
         job.out.put(("prompt", prompt))
-        cache = self.caches.take(prompt, lambda: make_prompt_cache(self.model, self.drafter))
+        order = dict(prompt=prompt, max_tokens=job.max_tokens, sampling=job.sampling, processors=job.processors,
+                     seed=job.seed, stop=job.stop)
+        if self.sharded:
+            distributed.share(order)  # the other ranks run the same generation (follow)
+        responses = self._responses(order)
+        for r in responses:
+            if job.cancelled.is_set() and not self.sharded:  # sharded: every rank runs to the end together
+                responses.close()
+                break
+            if not job.cancelled.is_set():
+                job.out.put(("token", (r, self._entry(job, r))))
+
+    def _entry(self, job: Job, r) -> tuple | None:
+        """(token text, log-probability, [(text, log-probability), ...] of the most likely), as asked."""
+        if job.top_logprobs < 0:
+            return None
+        top = []
+        if job.top_logprobs > 0:
+            ids = mx.argpartition(-r.logprobs, kth=job.top_logprobs - 1)[: job.top_logprobs]
+            pairs = sorted(zip(ids.tolist(), r.logprobs[ids].tolist()), key=lambda p: -p[1])
+            top = [(self.tokenizer.decode([i]), v) for i, v in pairs]
+        return self.tokenizer.decode([r.token]), float(r.logprobs[r.token]), top
+
+    def _responses(self, order: dict):
+        """One generation's responses, its prompt cache taken from and returned to the kept ones."""
+        cache = self.caches.take(order["prompt"], lambda: make_prompt_cache(self.model, self.drafter))
         try:
-            if job.seed is not None:
-                mx.random.seed(job.seed)
-            responses = stream_generate(
-                self.model, self.tokenizer, prompt, job.max_tokens, drafter=self.drafter,
-                sampler=make_sampler(**job.sampling), logits_processors=make_logits_processors(**job.processors),
-                prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=job.stop,
+            if order["seed"] is not None:
+                mx.random.seed(order["seed"])
+            yield from stream_generate(
+                self.model, self.tokenizer, order["prompt"], order["max_tokens"], drafter=self.drafter,
+                sampler=make_sampler(**order["sampling"]), logits_processors=make_logits_processors(**order["processors"]),
+                prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=order["stop"],
                 **self.settings, **quantized_kv.check_arguments(self.args),
             )
-            for r in responses:
-                if job.cancelled.is_set():
-                    responses.close()
-                    break
-                entry = None  # (token text, log-probability, [(text, log-probability), ...] of the most likely)
-                if job.top_logprobs >= 0:
-                    top = []
-                    if job.top_logprobs > 0:
-                        ids = mx.argpartition(-r.logprobs, kth=job.top_logprobs - 1)[: job.top_logprobs]
-                        pairs = sorted(zip(ids.tolist(), r.logprobs[ids].tolist()), key=lambda p: -p[1])
-                        top = [(self.tokenizer.decode([i]), v) for i, v in pairs]
-                    entry = (self.tokenizer.decode([r.token]), float(r.logprobs[r.token]), top)
-                job.out.put(("token", (r, entry)))
         finally:
             self.caches.put(cache)
 
@@ -631,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound on the kept caches' memory (default: 2G)")
     add_drafting_arguments(p)
     quantized_kv.add_arguments(p)
+    distributed.add_arguments(p)
     return p
 
 
@@ -646,6 +680,20 @@ def check_args(args: argparse.Namespace) -> None:
     if not isinstance(args.chat_template_args, dict):
         raise ValueError("--chat-template-args must be a JSON object")
     quantized_kv.check_arguments(args)
+    distributed.set_rank_timeout(args.rank_timeout)
+
+
+def follow(args: argparse.Namespace) -> int:
+    """Ranks > 0 under mlx.launch: load this rank's shard and run the generations rank 0 shares, silently."""
+    with distributed.rank0_prints():
+        logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
+        try:
+            check_args(args)
+            engine = Engine(args)
+        except (ValueError, OSError):
+            return 1  # rank 0 reports the same error
+        engine.follow()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as err:
         print(f"error: --chat-template-args is not valid JSON ({err})", file=sys.stderr)
         return 2
+    if not distributed.is_main():
+        return follow(args)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
     try:
         check_args(args)
