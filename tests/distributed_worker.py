@@ -3,7 +3,7 @@
 ``python distributed_worker.py SPEC OUT``: SPEC is a JSON file of cases, each ``{"name", "model", "drafter",
 "pipeline", "modes", "prompt", "max_tokens", "temp", "seed", "tree_size", "reference"}``; this rank writes
 ``OUT/rank<r>.json`` with, per case, the layers and attention heads it holds and, per mode, the tokens it committed (and with ``reference``, mlx-lm's own
-greedy tokens from the same sharded model). ``"rank1_tree_size"`` makes rank 1 draft trees of
+greedy tokens from the same sharded model; with ``probe``, one tree verification's logits and features). ``"rank1_tree_size"`` makes rank 1 draft trees of
 another size than rank 0's. ``"hang_after"``/``"exit_after"`` N in a case makes rank 1 stop
 answering (sleep) or die after its N-th token, to test how the other ranks end.
 """
@@ -32,6 +32,21 @@ def mlx_lm_greedy(model, prompt: list[int], n: int) -> list[int]:
     return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
 
 
+def probe(model, tokenizer, drafter, prompt: str) -> dict:
+    """One verification of a fixed branching tree after ``prompt``: its logits and the features the drafter reads."""
+    import numpy as np
+
+    from treeflash_mlx.tree import DraftTree
+
+    target = Target(model)
+    cache = target.make_cache()
+    capture = list(drafter.args.target_layer_ids)
+    mx.eval(target.forward(mx.array(tokenizer.encode(prompt)), cache, capture))  # each pass evaluated, as the loop does
+    tree = DraftTree(np.array([5, 6, 7, 8, 9]), np.array([-1, 0, 0, 1, 1]), np.array([0, 1, 1, 2, 2]))
+    logits, features = target.verify(tree, cache, capture)
+    return {"logits": logits.tolist(), "features": features.tolist()}
+
+
 def run_case(case: dict, rank: int) -> dict:
     model, tokenizer, drafter = load(case["model"], case.get("drafter"), pipeline=case.get("pipeline", False))
     distributed.set_rank_timeout(case.get("rank_timeout", 60))
@@ -56,6 +71,8 @@ def run_case(case: dict, rank: int) -> dict:
                 os._exit(3)
         out[mode] = tokens
         out[f"{mode} acceptance"] = [tau for n, tau in rounds.items() if n > 0]
+    if case.get("probe"):
+        out["probe"] = probe(model, tokenizer, drafter, case["prompt"])
     if case.get("reference"):
         out["mlx_lm"] = mlx_lm_greedy(model, tokenizer.encode(case["prompt"]), case["max_tokens"])
     return out

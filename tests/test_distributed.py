@@ -29,7 +29,7 @@ PROMPT = "def fib(n):"
 pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
 
 
-def launch(spec: list[dict], out: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def launch(spec: list[dict], out: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     """Both ranks of the worker over ``spec``; their results land in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
@@ -80,8 +80,9 @@ def sharded_runs(qwen2_pair, tmp_path_factory):
     qwen2 = {"model": qwen2_pair[0], "drafter": qwen2_pair[1], "prompt": "abcab", "max_tokens": 16, "tree_size": 8}
     cases = [
         {**demo, "name": "demo", "modes": ["treeflash", "marginal", "chain", "ar"], "reference": True},
-        {**qwen2, "name": "qwen2", "modes": ["treeflash", "chain"], "reference": True},
-        {**qwen2, "name": "qwen2-pipeline", "modes": ["treeflash", "ar"], "pipeline": True, "reference": True},
+        {**qwen2, "name": "qwen2", "modes": ["treeflash", "chain"], "reference": True, "probe": True},
+        {**qwen2, "name": "qwen2-pipeline", "modes": ["treeflash", "ar"], "pipeline": True, "reference": True,
+         "probe": True},
         {**demo, "name": "sampled", "modes": ["treeflash"], "temp": 1.0, "seed": 7, "max_tokens": 16},
         {**qwen2, "name": "other-trees", "modes": ["treeflash"], "rank1_tree_size": 3},
     ]
@@ -115,6 +116,27 @@ def test_pipeline_greedy_is_the_single_process_output(sharded_runs, mode):
     tokens, acceptance = single(cases["qwen2-pipeline"], mode, acceptance=True)
     assert run[0][mode] == tokens
     assert run[0][f"{mode} acceptance"] == run[1][f"{mode} acceptance"] == acceptance
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2-pipeline"])
+def test_a_tree_verification_gives_every_rank_the_whole_logits_and_features(sharded_runs, name):
+    """One branching tree verified after the prompt: every rank holds the logits and every captured layer's
+    features (layer 1 runs on rank 1 of the pipeline, layer 2 on rank 0), those of one process: exactly for the
+    pipeline (its sums add zeros), to rounding for tensor parallelism (its sums add partial products)."""
+    import numpy as np
+
+    from distributed_worker import probe
+
+    cases, ranks = sharded_runs
+    model, tokenizer, drafter = load(cases[name]["model"], cases[name]["drafter"])
+    alone = probe(model, tokenizer, drafter, cases[name]["prompt"])
+    for r in ranks:
+        for key in ("logits", "features"):
+            got, want = np.array(r[name]["probe"][key]), np.array(alone[key])
+            if name.endswith("pipeline"):
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_every_rank_verifies_rank_0s_tree(sharded_runs):

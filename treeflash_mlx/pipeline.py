@@ -6,6 +6,10 @@ the hidden states from the rank above, runs its layers and hands them to the ran
 last layer's output, and each rank the outputs of the captured layers it ran. One ``all_sum`` of rank 0's output
 and each rank's captures (zeros in the others' places, so every sum is exact) gives every rank the logits' input
 and every feature the drafter reads: each rank can then draft and take the same round.
+
+Each pass must be evaluated before the next one is built, as the round loop does (the prefill's chunks and each
+verification are): a rank's receives carry no order of their own, so those of two pending passes could be
+matched the wrong way round.
 """
 
 from __future__ import annotations
@@ -29,12 +33,18 @@ class Stage:
         """The hidden states entering this rank's first layer (``h``: the embeddings, for the first rank)."""
         return mx.distributed.recv_like(h, self.rank + 1) if self.rank < self.size - 1 else h
 
-    def gather(self, h: mx.array, features: dict, capture) -> tuple[mx.array, dict]:
-        """The last layer's output and every captured layer's, on every rank (``features``: this rank's)."""
+    def gather(self, h: mx.array, features: dict, capture, cache: list) -> tuple[mx.array, dict]:
+        """The last layer's output and every captured layer's, on every rank (``features``: this rank's).
+
+        The hand-over to the rank below is tied into this rank's cache as well: the rank below needs it for its
+        own cache, which is evaluated even when the output is not (a prefill whose logits nobody reads)."""
         if self.size == 1:
             return h, features
         if self.rank > 0:
-            h = mx.depends(mx.zeros_like(h), mx.distributed.send(h, self.rank - 1))  # sent on; rank 0 has the output
+            sent = mx.distributed.send(h, self.rank - 1)
+            if isinstance(cache[-1].keys, mx.array):
+                cache[-1].keys = mx.depends(cache[-1].keys, sent)
+            h = mx.depends(mx.zeros_like(h), sent)  # rank 0 holds the output
         parts = [h] + [features.get(i, mx.zeros_like(h)) for i in capture]
         total = mx.distributed.all_sum(mx.concatenate(parts, axis=0))
         return total[:1], {i: total[1 + j : 2 + j] for j, i in enumerate(capture)}

@@ -197,7 +197,7 @@ class Target:
             h = self._block(layer, h, layer_mask, c, rope_positions, lo)
             if i in capture:
                 features[i] = h
-        h, features = self.stage.gather(h, features, capture)
+        h, features = self.stage.gather(h, features, capture, cache)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.model.model.norm(h))[0]
