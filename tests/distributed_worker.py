@@ -1,11 +1,12 @@
 """One rank of the distributed tests (tests/test_distributed.py), started by ``mlx.launch``.
 
 ``python distributed_worker.py SPEC OUT``: SPEC is a JSON file of cases, each ``{"name", "model", "drafter",
-"pipeline", "modes", "prompt", "max_tokens", "temp", "seed", "tree_size", "reference"}``; this rank writes
-``OUT/rank<r>.json`` with, per case, the layers and attention heads it holds and, per mode, the tokens it committed (and with ``reference``, mlx-lm's own
-greedy tokens from the same sharded model; with ``probe``, one tree verification's logits and features). ``"rank1_tree_size"`` makes rank 1 draft trees of
-another size than rank 0's. ``"hang_after"``/``"exit_after"`` N in a case makes rank 1 stop
-answering (sleep) or die after its N-th token, to test how the other ranks end.
+"pipeline", "modes", "prompt", "max_tokens", "temp", "seed", "tree_size", "reference", "probe"}``; this rank
+writes ``OUT/rank<r>.json`` with, per case, the layers and attention heads it holds and, per mode, the tokens it
+committed (and with ``reference``, mlx-lm's own greedy tokens from the same sharded model; with ``probe``, one
+tree verification's logits and features). ``"rank1_tree_size"`` makes rank 1 draft trees of another size than
+rank 0's. ``"hang_after"``/``"exit_after"`` N in a case makes rank 1 stop answering (sleep) or die after its
+N-th token, to test how the other ranks end.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -74,8 +73,9 @@ def qwen2_pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded_runs(qwen2_pair, tmp_path_factory):
-    """One launch (mlx.launch's status is 0 even when a rank fails: the result files tell): the demo pair (qwen3) and the qwen2 pair tensor-parallel in every mode, the qwen2 pair as a
-    pipeline, and seeded sampling; each rank's tokens per case and mode."""
+    """One launch (mlx.launch's status is 0 even when a rank fails: the result files tell): tensor parallel, the
+    demo pair (qwen3) in every mode and the qwen2 pair; the qwen2 pair as a pipeline; seeded sampling; rank 1
+    drafting other trees. Each rank's holdings, tokens and acceptance per case and mode."""
     demo = {"model": str(DEMO / "target"), "drafter": str(DEMO / "drafter"), "prompt": PROMPT, "max_tokens": 20}
     qwen2 = {"model": qwen2_pair[0], "drafter": qwen2_pair[1], "prompt": "abcab", "max_tokens": 16, "tree_size": 8}
     cases = [
@@ -240,3 +240,16 @@ def test_the_server_answers_from_rank_0_with_the_single_process_text(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert sum("serving" in line for line in lines) == 1  # rank 0 alone says it serves
+
+
+def test_the_distributed_flags_refuse_a_lone_process(capsys):
+    """Outside mlx.launch: --pipeline and the distributed benchmark each end in one line saying what to do."""
+    from treeflash_mlx.distributed_benchmark import main as benchmark_main
+    from treeflash_mlx.generate import main as generate_main
+
+    assert generate_main(["-p", "hi", "--pipeline"]) == 1
+    assert benchmark_main([]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "this process is alone" in err[0] and "under mlx.launch" in err[1]
+    assert generate_main(["-p", "hi", "--rank-timeout", "0"]) == 1
+    assert "--rank-timeout" in capsys.readouterr().err

@@ -256,7 +256,8 @@ class Ranks(Alone):
     """The ranks of a sharded target agreeing on each round: rank 0's tree and rank 0's accepted path.
 
     Broadcasts carry a fixed number of values (every rank must pass the same shape): ``capacity``, the largest of
-    the ranks' bounds on a tree's nodes. A first value of -1 carries rank 0's failure to the others, which then raise too instead of waiting."""
+    the ranks' bounds on a tree's nodes. A first value of -1 carries rank 0's failure to the others, which then
+    raise too instead of waiting."""
 
     FAILED = -1
 

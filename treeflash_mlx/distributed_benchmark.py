@@ -147,7 +147,8 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m treeflash_mlx.distributed_benchmark", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m treeflash_mlx.distributed_benchmark",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="target (default: the bundled demo pair)")
     p.add_argument("--drafter", default=None, help="drafter for the target")
     p.add_argument("--prompts", default="code", help="code, math, chat, humaneval or a JSONL file (default: code)")

@@ -227,7 +227,8 @@ class Engine:
                 mx.random.seed(order["seed"])
             yield from stream_generate(
                 self.model, self.tokenizer, order["prompt"], order["max_tokens"], drafter=self.drafter,
-                sampler=make_sampler(**order["sampling"]), logits_processors=make_logits_processors(**order["processors"]),
+                sampler=make_sampler(**order["sampling"]),
+                logits_processors=make_logits_processors(**order["processors"]),
                 prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=order["stop"],
                 **self.settings, **quantized_kv.check_arguments(self.args),
             )
