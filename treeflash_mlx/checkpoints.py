@@ -220,7 +220,7 @@ def save_drafter(drafter: Drafter, path: Path, dtype: mx.Dtype | None = None) ->
 
 def validate(config: DrafterConfig, target: Target) -> None:
     """Refuse a drafter that was not made for this target, with the reason in one line."""
-    n_layers = len(target.layers)
+    n_layers = target.num_layers
     problems = []
     if config.hidden_size != target.hidden_size:
         problems.append(f"hidden size {config.hidden_size} != target's {target.hidden_size}")

@@ -278,6 +278,10 @@ class Drafting:
     def finish(self, root: int, pending, timer=untimed) -> DraftTree:
         return root_only(root)
 
+    def max_nodes(self) -> int:
+        """The most nodes a tree of this drafting has (the root alone here)."""
+        return 1
+
     def check_budget(self, context: int) -> None:
         """Refuse, before any work, a round that cannot fit in memory over ``context`` tokens (none here)."""
 
@@ -334,6 +338,10 @@ class DrafterDrafting(Drafting):
         if not len(copy):
             return tree
         return graft(tree, copy, len(tree) if self.opts.mode == "chain" else self.opts.tree_size)
+
+    def max_nodes(self) -> int:
+        """A chain holds the root and block_size - 1 tokens; a tree (a copy grafted in included) tree_size nodes."""
+        return self.drafter.args.block_size if self.opts.mode == "chain" else self.opts.tree_size
 
     def check_budget(self, context: int) -> None:
         o, t = self.opts, self.target

@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from . import quantized_kv
+from . import distributed, quantized_kv
 from ._cli import add_drafting_arguments, drafting_settings, run_cli
 from .drafting import default_mode, make_drafting
 from .loading import DEMO, demo_paths, load  # noqa: F401  (DEMO: where the tests and scripts look)
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the prefill's progress on stderr (prompts of several chunks), then speed, "
                         "acceptance and memory after the text")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    distributed.add_arguments(p)
     return p
 
 
@@ -68,6 +69,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.draft_temp is not None:
         finite("--draft-temp", args.draft_temp, low=0, low_open=True)
     integer("--prefill-step-size", args.prefill_step_size, low=1)
+    finite("--rank-timeout", args.rank_timeout, low=0, low_open=True)
     quantized_kv.check_arguments(args)
 
 
@@ -100,11 +102,17 @@ def prompt_tokens(tokenizer, args: argparse.Namespace) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> None:
+    with distributed.rank0_prints():  # under mlx.launch every process runs this; rank 0 alone prints
+        _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     check_args(args)
+    distributed.set_rank_timeout(args.rank_timeout)
     args.model, args.drafter = demo_paths(args.model, args.drafter)  # no model: the bundled demo pair
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer, drafter = load(args.model, args.drafter)
+    model, tokenizer, drafter = load(args.model, args.drafter, pipeline=args.pipeline)
     prompt = prompt_tokens(tokenizer, args)
     mode = args.mode or default_mode(drafter)
     drafting = make_drafting(drafter, Target(model), mode, **drafting_settings(args))  # kept: its choices are reported

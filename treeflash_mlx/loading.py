@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from . import distributed
 from .checkpoints import MODEL_FILES, first_line, load_drafter, resolve, validate
 from .drafter import Drafter
 from .target import Target
@@ -17,14 +18,26 @@ DEMO = Path(__file__).parent / "demo"
 
 
 def load(
-    model: str, drafter: str | None = None, tokenizer_config: dict | None = None
+    model: str, drafter: str | None = None, tokenizer_config: dict | None = None, pipeline: bool = False
 ) -> tuple[nn.Module, TokenizerWrapper, Drafter | None]:
-    """Load an mlx-lm target and (optionally) a drafter for it, checking that they fit together."""
+    """Load an mlx-lm target and (optionally) a drafter for it, checking that they fit together.
+
+    Under ``mlx.launch`` (more than one process) each process loads its shard of the target, as mlx-lm's
+    ``sharded_load`` makes it: tensor parallelism, or with ``pipeline`` a pipeline of the layers; and the whole
+    drafter (docs/distributed.md)."""
     from mlx_lm.utils import load as mlx_load
 
     model_path = resolve(model, MODEL_FILES, "model")
+    sharded = distributed.world().size() > 1
+    if pipeline and not sharded:
+        raise ValueError("--pipeline shards the target over the processes mlx.launch starts; this process is alone "
+                         "(launch it with mlx.launch, or drop --pipeline)")
     try:
-        target_model, tokenizer = mlx_load(str(model_path), tokenizer_config=tokenizer_config)
+        if sharded:
+            distributed.check_shardable(model_path, pipeline)
+            target_model, tokenizer = distributed.sharded_load(model_path, tokenizer_config, pipeline)
+        else:
+            target_model, tokenizer = mlx_load(str(model_path), tokenizer_config=tokenizer_config)
     except Exception as err:
         raise ValueError(f"cannot load model '{model}': {first_line(err)}") from err
     target_model.model_path = model_path

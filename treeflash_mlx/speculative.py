@@ -16,12 +16,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .distributed import ranks_of
 from .drafter import Drafter
 from .drafting import Drafting, make_drafting, untimed
 from .prompt_cache import PromptCache, make_prompt_cache
 from .quantized_kv import (DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, before_switch, check_cache,
                            kv_quantization, prefill_chunks, quantize_at, switch_offset)
-from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits, sample_and_accept
+from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits
 from .target import Target, cache_offset
 from .tree import root_only
 from .validation import integer, stop_strings as _stop_strings, token_ids
@@ -172,6 +173,7 @@ def generate_step(
     (0 first, then after each chunk) out of the ``total`` not served by the prompt cache."""
     target = Target(model)
     drafting = drafting or Drafting()
+    ranks = ranks_of(model, drafting.max_nodes())  # with a sharded target: every rank commits rank 0's rounds
     integer("prefill_step_size", prefill_step_size, low=1)
     if kv_bits is not None and any(target.windows):  # mlx-lm's rotating caches cannot be quantized either
         raise ValueError("kv_bits is not supported for targets with sliding-window layers; leave the K/V cache float")
@@ -195,14 +197,14 @@ def generate_step(
         logits, feats = target.forward(mx.array(chunk), cache.target, drafting.capture, last_only=True)
         if drafting.capture:
             drafting.append_context(feats, cache.drafter)
-        mx.eval(logits, [c.state for c in cache.target + (cache.drafter or [])])
+        ranks.eval(logits, [c.state for c in cache.target + (cache.drafter or [])])
         cache.tokens.extend(chunk)
         switch = quantize_at(cache.target, switch, kv)
         progress(b - cached, len(prompt) - cached)
     cache.checkpoint()  # a hybrid target's recurrent states after the prompt: the next turn may resume here
     first = root_only(prompt[-1])
     keys = PositionKeys()  # one sampling seed per generated position: a seed pins the output, whatever the tree
-    _, root, logprobs = sample_and_accept(node_logits(logits, first, prompt, processors), first, sampler, keys)
+    _, root, logprobs = ranks.accept(node_logits(logits, first, prompt, processors), first, sampler, keys)
 
     new, emitted, round_index, history = [Committed(root, logprobs[0], False, 0)], 0, 0, list(prompt)
     while True:
@@ -229,9 +231,9 @@ def generate_step(
         if stats:
             stats.start()  # the time the caller spent belongs to no stage
         start = cache_offset(cache.target)  # the root's position: the cache holds everything before it
-        tree = before_switch(drafting.finish(root, pending, timer), start, switch)
+        tree = ranks.tree(before_switch(drafting.finish(root, pending, timer), start, switch))
         logits, feats = target.verify(tree, cache.target, drafting.capture)
-        path, bonus, logprobs = sample_and_accept(node_logits(logits, tree, history, processors), tree, sampler, keys)
+        path, bonus, logprobs = ranks.accept(node_logits(logits, tree, history, processors), tree, sampler, keys)
         timer("verify")
         drafting.observe(tree, path)
         target.commit(cache.target, start, path)

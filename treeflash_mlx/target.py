@@ -21,6 +21,7 @@ import numpy as np
 
 from .families import SUPPORTED_FAMILIES, LayerPass, family_of, is_recurrent
 from .families import gated_delta
+from .pipeline import Stage
 
 __all__ = ["SUPPORTED_FAMILIES", "Target", "cache_offset", "window_mask"]
 
@@ -58,7 +59,9 @@ class Target:
         self.windows = self.family.windows()
         self.model = model
         self.family_name = self.family.name
-        self.layers = self.family.layers
+        self.stage = Stage(self.family)  # a pipelined target: which layers this rank runs (docs/distributed.md)
+        self.layers = self.stage.layers
+        self.num_layers = self.stage.num_layers
         self.embed_tokens = self.family.text.embed_tokens
         self.norm = self.family.text.norm
         args = self.family.args
@@ -124,9 +127,9 @@ class Target:
             kernel = next(layer.linear_attn.conv_kernel_size for layer in self.layers if layer.is_linear)
             plan = gated_delta.TreePlan(tree.parents, kernel)
         self.pending = {}
-        h = self.embed(tokens[None])
+        h = self.stage.receive(self.embed(tokens[None]))
         features = {}
-        for i, (layer, c, w) in enumerate(zip(self.layers, cache, self.windows)):
+        for i, (layer, c, w) in enumerate(zip(self.layers, cache, self.windows), start=self.stage.first):
             layer_mask, lo = masks[w]
             lp = LayerPass(i, c, layer_mask, lo, positions, plan, self.cpu_kernels, self.pending)
             h = self.family.block(layer, h, lp)
@@ -136,6 +139,7 @@ class Target:
             for c in cache:
                 if is_recurrent(c):
                     c.offset += n
+        h, features = self.stage.gather(h, features, capture, cache)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))[0]

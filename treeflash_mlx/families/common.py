@@ -101,7 +101,9 @@ class Family:
 
     @property
     def layers(self) -> list:
-        return self.text.layers
+        """The layers this process runs: all of them, or this rank's of a pipelined model (mlx-lm's ``pipeline``
+        leaves the others None)."""
+        return [layer for layer in self.text.layers if layer is not None]
 
     def head(self) -> nn.Module:
         """The output projection: ``lm_head`` or the tied embedding."""

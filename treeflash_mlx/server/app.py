@@ -14,7 +14,7 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .. import quantized_kv
+from .. import distributed, quantized_kv
 from .._cli import add_drafting_arguments
 from . import anthropic, openai
 from .engine import Engine, Job
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound on the kept caches' memory (default: 2G)")
     add_drafting_arguments(p)
     quantized_kv.add_arguments(p)
+    distributed.add_arguments(p)
     return p
 
 
@@ -256,6 +257,20 @@ def check_args(args: argparse.Namespace) -> None:
     if not isinstance(args.chat_template_args, dict):
         raise ValueError("--chat-template-args must be a JSON object")
     quantized_kv.check_arguments(args)
+    distributed.set_rank_timeout(args.rank_timeout)
+
+
+def follow(args: argparse.Namespace) -> int:
+    """Ranks > 0 under mlx.launch: load this rank's shard and run the generations rank 0 shares, silently."""
+    with distributed.rank0_prints():
+        logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
+        try:
+            check_args(args)
+            engine = Engine(args)
+        except (ValueError, OSError):
+            return 1  # rank 0 reports the same error
+        engine.follow()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as err:
         print(f"error: --chat-template-args is not valid JSON ({err})", file=sys.stderr)
         return 2
+    if not distributed.is_main():
+        return follow(args)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
     try:
         check_args(args)

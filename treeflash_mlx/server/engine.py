@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx_lm.generate import make_text_state_machine
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .. import quantized_kv
+from .. import distributed, quantized_kv
 from .._cli import drafting_settings
 from ..drafting import Drafting, default_mode, make_drafting
 from ..loading import demo_paths, load
@@ -40,8 +40,10 @@ class CacheLRU:
 
     MIN_SHARED = 8
 
-    def __init__(self, max_entries: int, max_bytes: int | None):
-        self.max_entries, self.max_bytes = max_entries, max_bytes
+    def __init__(self, max_entries: int, max_bytes: int | None, sizes=lambda sizes: sizes):
+        # ``sizes``: the entries' bytes as the bound sees them; with a sharded target every rank's largest, so
+        # that every rank evicts alike (distributed.largest)
+        self.max_entries, self.max_bytes, self.sizes = max_entries, max_bytes, sizes
         self.entries: list[PromptCache] = []
         self.lock = threading.Lock()
 
@@ -73,10 +75,10 @@ class CacheLRU:
             return
         with self.lock:
             self.entries.append(cache)
-            while len(self.entries) > self.max_entries or (
-                self.max_bytes is not None and self.entries and self.nbytes() > self.max_bytes
-            ):
+            sizes = self.sizes([c.nbytes for c in self.entries]) if self.max_bytes is not None else []
+            while len(self.entries) > self.max_entries or (self.max_bytes is not None and sum(sizes) > self.max_bytes):
                 self.entries.pop(0)
+                sizes = sizes[1:]
 
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.entries)
@@ -137,7 +139,9 @@ class Engine:
         self.args = args
         model_path, drafter_path = demo_paths(args.model, args.drafter)
         tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
-        self.model, self.tokenizer, self.drafter = load(model_path, drafter_path, tokenizer_config)
+        self.model, self.tokenizer, self.drafter = load(model_path, drafter_path, tokenizer_config,
+                                                        pipeline=getattr(args, "pipeline", False))
+        self.sharded = distributed.world().size() > 1  # rank 0 shares each request; the others follow()
         if args.chat_template:
             self.tokenizer.chat_template = args.chat_template
         self.target = Target(self.model)
@@ -154,11 +158,13 @@ class Engine:
         """The caches, the job queue and the worker; called once the model and tokenizer are in place."""
         # mlx-lm's reasoning / tool-call markers of this tokenizer, as mlx_lm.server builds them (parsing.py)
         self.text_states = make_text_state_machine(self.tokenizer)
-        self.caches = CacheLRU(self.args.prompt_cache_size, self.args.prompt_cache_bytes)
+        self.caches = CacheLRU(self.args.prompt_cache_size, self.args.prompt_cache_bytes,
+                               distributed.largest if getattr(self, "sharded", False) else (lambda sizes: sizes))
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = threading.Event()  # set while a generation runs (the soak test checks none is left)
         self.worker = threading.Thread(target=self._work, name="generation", daemon=True)
-        self.worker.start()
+        if distributed.is_main():
+            self.worker.start()
 
     def submit(self, job: Job) -> Job:
         self.jobs.put(job)
@@ -166,6 +172,21 @@ class Engine:
 
     def stop(self) -> None:
         self.jobs.put(None)
+        if getattr(self, "sharded", False):
+            self.worker.join()
+            distributed.share(None)  # the other ranks' follow() ends
+
+    def follow(self) -> None:
+        """Ranks > 0 of a sharded target: run each generation rank 0 shares, in step with it, answering no one,
+        until rank 0 shares None (it stops)."""
+        while (order := distributed.share()) is not None:
+            try:
+                for _ in self._responses(order, make_drafting(self.drafter, self.target, **self.settings)):
+                    pass
+            except distributed.RankLost:
+                raise
+            except Exception:  # rank 0 meets the same error with the same input, and answers it
+                log.debug("generation failed", exc_info=True)
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -191,36 +212,49 @@ class Engine:
         job.out.put(("prompt", prompt))
         if job.count_only:
             return
-        cache = self.caches.take(prompt, lambda: make_prompt_cache(self.model, self.drafter))
         trees: list[DraftTree] = []
         drafting = make_drafting(self.drafter, self.target, **self.settings)
         if job.trees:
             record_trees(drafting, trees)
+        order = dict(prompt=prompt, max_tokens=job.max_tokens, sampling=job.sampling, processors=job.processors,
+                     seed=job.seed, stop=job.stop)
+        sharded = getattr(self, "sharded", False)
+        if sharded:
+            distributed.share(order)  # the other ranks run the same generation (follow)
+        responses = self._responses(order, drafting)
+        generated, accepted = [], []
+        for r in responses:
+            if job.cancelled.is_set():
+                if sharded:  # every rank runs a sharded generation to its end together
+                    continue
+                responses.close()
+                break
+            generated.append(r.token)
+            job.out.put(("token", (r, self._logprobs(r, job.top_logprobs))))
+            if job.trees and r.round > 0:
+                if r.from_draft:
+                    accepted.append(r.token)
+                if not r.from_draft or r.finish_reason:  # the round's bonus token, or the text's end
+                    job.out.put(("round", describe_round(r.round, trees[r.round - 1], accepted,
+                                                         self.tokenizer.decode)))
+                    accepted = []
+            if r.finish_reason == "stop" and job.stop and r.token not in self.tokenizer.eos_token_ids:
+                job.out.put(("stop", self._stop_string(generated, job.stop)))
+
+    def _responses(self, order: dict, drafting: Drafting):
+        """One generation's responses, its prompt cache taken from and returned to the kept ones (the same on
+        every rank of a sharded target)."""
+        cache = self.caches.take(order["prompt"], lambda: make_prompt_cache(self.model, self.drafter))
         try:
-            if job.seed is not None:
-                mx.random.seed(job.seed)
-            responses = stream_generate(
-                self.model, self.tokenizer, prompt, job.max_tokens, drafter=drafting,
-                sampler=make_sampler(**job.sampling), logits_processors=make_logits_processors(**job.processors),
-                prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=job.stop,
+            if order["seed"] is not None:
+                mx.random.seed(order["seed"])
+            yield from stream_generate(
+                self.model, self.tokenizer, order["prompt"], order["max_tokens"], drafter=drafting,
+                sampler=make_sampler(**order["sampling"]),
+                logits_processors=make_logits_processors(**order["processors"]),
+                prompt_cache=cache, prefill_step_size=self.args.prefill_step_size, stop_strings=order["stop"],
                 **quantized_kv.check_arguments(self.args),
             )
-            generated, accepted = [], []
-            for r in responses:
-                if job.cancelled.is_set():
-                    responses.close()
-                    break
-                generated.append(r.token)
-                job.out.put(("token", (r, self._logprobs(r, job.top_logprobs))))
-                if job.trees and r.round > 0:
-                    if r.from_draft:
-                        accepted.append(r.token)
-                    if not r.from_draft or r.finish_reason:  # the round's bonus token, or the text's end
-                        job.out.put(("round", describe_round(r.round, trees[r.round - 1], accepted,
-                                                             self.tokenizer.decode)))
-                        accepted = []
-                if r.finish_reason == "stop" and job.stop and r.token not in self.tokenizer.eos_token_ids:
-                    job.out.put(("stop", self._stop_string(generated, job.stop)))
         finally:
             self.caches.put(cache)
 
