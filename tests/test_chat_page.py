@@ -26,7 +26,7 @@ QUESTIONS = ["def fibonacci(n):", "def main():"]
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--max-tokens", "40")
+    s = Server("--max-tokens", "40", "--tree-size", "16")  # a fixed budget: the page's τ equals the API's
     yield s
     s.close()
 
@@ -62,12 +62,19 @@ def test_the_page_streams_answers_and_draws_each_rounds_tree(server, browser):
     limit.send_keys("40")
     conversation = []
     for n, question in enumerate(QUESTIONS, 1):
+        # the answer grows while it streams: record every length the answer's text takes in the page (a DOM
+        # observer, so a fast machine's stream is seen whole, not only at polling times)
+        browser.execute_script("""
+            window.__lengths = new Set();
+            new MutationObserver(() => {
+              const texts = document.querySelectorAll('.msg.assistant .text');
+              if (texts.length) window.__lengths.add(texts[texts.length - 1].textContent.length);
+            }).observe(document.body, {subtree: true, childList: true, characterData: true});""")
         box = browser.find_element(By.ID, "prompt")
         box.send_keys(question)
         browser.find_element(By.ID, "send").click()
-        seen = set()  # the answer grows while it streams: several lengths are seen before the end
-        wait(browser, 120, lambda b: seen.add(len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].text))
-             or len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats")) == n)
+        wait(browser, 120, lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats")) == n)
+        seen = set(browser.execute_script("return Array.from(window.__lengths);"))
         answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].get_attribute("textContent")
         conversation.append({"role": "user", "content": question})
         want = server.client.chat.completions.create(model="default_model", messages=conversation, max_tokens=40)
