@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,15 +29,28 @@ PROMPT = "def fib(n):"
 pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
 
 
+def run_launched(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of an ``mlx.launch`` command line whose ranks end with it: a launcher that runs past
+    ``timeout`` is ended with its whole process group (it does not pass a signal on to the ranks)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch(spec: list[dict], out: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     """Both ranks of the worker over ``spec``; their results land in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run(
+    return run_launched(
         [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
-         str(WORKER), str(out / "spec.json"), str(out)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+         str(WORKER), str(out / "spec.json"), str(out)], timeout, env=env, cwd=ROOT)
 
 
 def single(case: dict, mode: str, acceptance: bool = False):
@@ -190,8 +204,8 @@ def test_the_command_line_prints_once_under_mlx_launch(tmp_path):
     """``python -m treeflash_mlx.generate`` on 2 ranks: one JSON object (rank 0's), the single process's tokens."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     args = ["-m", "treeflash_mlx.generate", "-p", PROMPT, "-m", "12", "--json", "--ignore-chat-template"]
-    done = subprocess.run([str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--", *args],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    done = run_launched([str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--", *args],
+                        240, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -212,7 +226,8 @@ def test_the_server_answers_from_rank_0_with_the_single_process_text(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
                              "-m", "treeflash_mlx.server", "--port", "0", "--rank-timeout", "60"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)  # its own process group: the ranks end with the launcher
     lines, ready = [], threading.Event()
 
     def read():
@@ -233,12 +248,12 @@ def test_the_server_answers_from_rank_0_with_the_single_process_text(tmp_path):
             answer = json.loads(conn.getresponse().read())
             assert answer["choices"][0]["text"] == generate_text(model, tokenizer, prompt, max_tokens=12,
                                                                  drafter=drafter)
-    finally:
-        proc.terminate()
+    finally:  # mlx.launch does not pass a SIGTERM on to the ranks, which would serve (and spin) on: end them all
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert sum("serving" in line for line in lines) == 1  # rank 0 alone says it serves
 
 

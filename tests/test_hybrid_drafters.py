@@ -61,7 +61,8 @@ def test_the_published_configs_load_with_what_they_say():
     assert oss.block_size == 8 and oss.rope_scaling["rope_type"] == "yarn" and oss.target_layer_ids[-1] == 21
     for name, raw in DRAFTERS.items():  # each fits a target of its own width and depth
         config = DrafterConfig.from_dict(raw)
-        validate(config, SimpleNamespace(layers=[None] * raw["num_target_layers"], hidden_size=raw["hidden_size"],
+        n = raw["num_target_layers"]
+        validate(config, SimpleNamespace(layers=[None] * n, num_layers=n, hidden_size=raw["hidden_size"],
                                          vocab_size=raw["vocab_size"]))
         assert config.ar_approximation is None, name  # DFlash drafters: no AR head
 

@@ -211,7 +211,7 @@ def test_the_coder_30b_drafter_config_fits_its_target():
 
     config = DrafterConfig.from_dict(CODER_30B_DRAFTER)
     assert config.target_layer_ids == default_target_layer_ids(48, 5) and config.ar_approximation == "swiglu"
-    target = SimpleNamespace(layers=[None] * 48, hidden_size=2048, vocab_size=151936)
+    target = SimpleNamespace(layers=[None] * 48, num_layers=48, hidden_size=2048, vocab_size=151936)
     validate(config, target)
 
 
