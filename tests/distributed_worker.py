@@ -52,7 +52,8 @@ def run_case(case: dict, rank: int) -> dict:
     model, tokenizer, drafter = load(case["model"], case.get("drafter"), pipeline=case.get("pipeline", False))
     distributed.set_rank_timeout(case.get("rank_timeout", 60))
     target = Target(model)  # what this rank holds: its layers, and each layer's attention heads
-    out = {"layers": len(target.layers), "heads": target.layers[0].self_attn.n_heads}
+    attn = next(layer.self_attn for layer in target.layers if "self_attn" in layer)
+    out = {"layers": len(target.layers), "heads": getattr(attn, "n_heads", None) or attn.num_attention_heads}
     for mode in case["modes"]:
         if case.get("seed") is not None:
             mx.random.seed(case["seed"] + rank * 1000)  # a different seed per rank: rank 0's must win

@@ -86,7 +86,15 @@ def qwen2_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(qwen2_pair, tmp_path_factory):
+def qwen3_5_pair(tmp_path_factory):
+    """A random-weight Qwen3.5 hybrid (Gated DeltaNet and gated attention layers, its own vocabulary-sharded head)."""
+    root = tmp_path_factory.mktemp("qwen3_5")
+    target = tiny_target("qwen3_5", layers=4)
+    return str(save_target(target, root / "target")), str(save_drafter(tiny_drafter(target), root / "drafter"))
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(qwen2_pair, qwen3_5_pair, tmp_path_factory):
     """One launch (mlx.launch's status is 0 even when a rank fails: the result files tell): tensor parallel, the
     demo pair (qwen3) in every mode and the qwen2 pair; the qwen2 pair as a pipeline; seeded sampling; rank 1
     drafting other trees. Each rank's holdings, tokens and acceptance per case and mode."""
@@ -99,6 +107,8 @@ def sharded_runs(qwen2_pair, tmp_path_factory):
          "probe": True},
         {**demo, "name": "sampled", "modes": ["treeflash"], "temp": 1.0, "seed": 7, "max_tokens": 16},
         {**qwen2, "name": "other-trees", "modes": ["treeflash"], "rank1_tree_size": 3},
+        {**qwen2, "model": qwen3_5_pair[0], "drafter": qwen3_5_pair[1], "name": "qwen3_5",
+         "modes": ["treeflash", "chain"], "reference": True},
     ]
     out = tmp_path_factory.mktemp("sharded")
     done = launch(cases, out)
@@ -117,6 +127,16 @@ def test_tensor_parallel_greedy_is_the_single_process_output(sharded_runs, name,
     assert ranks[0][name][mode] == ranks[1][name][mode]
     assert ranks[0][name][mode] == ranks[0][name]["mlx_lm"]  # lossless against mlx-lm on the same shards
     assert ranks[0][name][mode] == single(cases[name], mode)
+
+
+@pytest.mark.parametrize("mode", ["treeflash", "chain"])
+def test_a_tensor_parallel_hybrid_is_the_single_process_output(sharded_runs, mode):
+    """Qwen3.5 over 2 ranks: each holds half of every Gated DeltaNet and attention layer's heads and half the
+    vocabulary of the head; the trees' recurrent states and the gathered logits give one process's tokens."""
+    cases, ranks = sharded_runs
+    assert [(r["qwen3_5"]["layers"], r["qwen3_5"]["heads"]) for r in ranks] == [(4, 2)] * 2
+    assert ranks[0]["qwen3_5"][mode] == ranks[1]["qwen3_5"][mode] == ranks[0]["qwen3_5"]["mlx_lm"]
+    assert ranks[0]["qwen3_5"][mode] == single(cases["qwen3_5"], mode)
 
 
 @pytest.mark.parametrize("mode", ["treeflash", "ar"])

@@ -78,8 +78,7 @@ class Target:
         return self.family.head()
 
     def lm_head(self, normed: mx.array) -> mx.array:
-        head = self.family.head()
-        return head.as_linear(normed) if head is self.embed_tokens else head(normed)
+        return self.family.logits(normed)
 
     def lm_head_weight(self) -> mx.array | None:
         """The (vocab, hidden) output projection when it is a plain matrix (None when quantized)."""

@@ -109,6 +109,11 @@ class Family:
         """The output projection: ``lm_head`` or the tied embedding."""
         return self.model.lm_head if "lm_head" in self.model else self.text.embed_tokens
 
+    def logits(self, normed: mx.array) -> mx.array:
+        """The output projection of the final norm's output."""
+        head = self.head()
+        return head.as_linear(normed) if head is self.text.embed_tokens else head(normed)
+
     def windows(self) -> list[int | None]:
         """Each layer's attention window (None: the whole context), as mlx-lm sizes its caches."""
         if any(getattr(layer, "use_sliding", False) or getattr(getattr(layer, "self_attn", None), "is_sliding", False)

@@ -3,7 +3,7 @@ separate input projections in the linear layers, inside a multimodal wrapper (``
 
 from __future__ import annotations
 
-import mlx.core as mx
+from mlx_lm.models.base import gather_last_axis
 
 from .qwen3_next import Qwen3Next
 
@@ -19,6 +19,12 @@ class Qwen3_5(Qwen3Next):
     def head(self):
         lm = self.text_model
         return lm.lm_head if "lm_head" in lm else self.text.embed_tokens
+
+    def logits(self, normed):
+        out = super().logits(normed)
+        if (group := getattr(self.text_model, "sharding_group", None)) is not None:  # tensor parallel: each rank
+            out = gather_last_axis(out, group)  # holds a slice of the vocabulary, as mlx-lm's model gathers it
+        return out
 
     @staticmethod
     def projections(la, x):
