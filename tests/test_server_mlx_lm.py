@@ -26,7 +26,7 @@ import time
 import urllib.request
 
 import pytest
-from server_helpers import Server
+from server_helpers import Server, stop
 from test_real_pair import DRAFTER, float32_target
 
 openai = pytest.importorskip("openai", reason="the server tests use the official client: pip install openai")
@@ -83,12 +83,7 @@ class MlxLmServer:
                                     timeout=600)
 
     def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc)
 
 
 @pytest.fixture(scope="module")
