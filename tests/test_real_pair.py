@@ -55,11 +55,16 @@ def pair(tmp_path_factory):
     return model, tokenizer, drafter, prompts, [mlx_lm_greedy(model, p, N_TOKENS) for p in prompts]
 
 
-SETTINGS = {"treeflash": {}, "marginal": {}, "chain": {}, "treeflash-nolookup": {"draft_lookup": 0},
-            "treeflash-published": {"tree_size": 64, "draft_top_m": 16, "draft_vocab": 0, "draft_lookup": 0}}
+# The tree budget is pinned (16, the budget these τ were measured at): with the default, auto, a round's tree
+# follows the machine's timings (and may be a plain step), so its τ says nothing fixed about the drafter.
+SETTINGS = {"treeflash": {"tree_size": 16}, "marginal": {"tree_size": 16}, "chain": {},
+            "treeflash-nolookup": {"tree_size": 16, "draft_lookup": 0},
+            "treeflash-published": {"tree_size": 64, "draft_top_m": 16, "draft_vocab": 0, "draft_lookup": 0},
+            "treeflash-auto": {}}
 # Mean tokens per round on these prompts, under what the shipped drafter reaches on them (an untrained drafter
-# gets ~1.0 without copies from the context). Measured with the CPU defaults (copies on): treeflash 3.00,
-# marginal 3.00, chain 2.52; without copies: treeflash 1.66, treeflash-published 2.05.
+# gets ~1.0 without copies from the context). Measured with the CPU defaults of tree 16 (copies on): treeflash
+# 3.00, marginal 3.00, chain 2.52; without copies: treeflash 1.66, treeflash-published 2.05. Auto is held to
+# the target's output only.
 MIN_TAU = {"treeflash": 2.6, "marginal": 2.6, "chain": 2.2, "treeflash-nolookup": 1.45, "treeflash-published": 1.8}
 
 
@@ -76,7 +81,8 @@ def test_the_shipped_drafter_is_lossless_with_its_target(pair, case):
         assert len(tokens) == N_TOKENS or tokens[-1] in tokenizer.eos_token_ids
         taus += list({r.round: r.acceptance_length for r in responses if r.round}.values())
     tau = sum(taus) / len(taus)
-    assert tau > MIN_TAU[case], f"{case}: mean acceptance length {tau:.2f}, a trained drafter reaches {MIN_TAU[case]}"
+    if case in MIN_TAU:
+        assert tau > MIN_TAU[case], f"{case}: mean acceptance length {tau:.2f}, a trained drafter reaches {MIN_TAU[case]}"
     mx.clear_cache()
 
 
