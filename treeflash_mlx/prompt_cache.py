@@ -31,6 +31,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from .drafter import ContextWindow, Drafter
 from .drafting import Drafting
 from .families import is_recurrent
+from .families.common import recurrent_cache
 from .target import Target, cache_offset
 
 DEFAULT_CHECKPOINT_BYTES = 1 << 30  # recurrent-state checkpoints a hybrid target's prompt cache may hold
@@ -164,8 +165,6 @@ class PromptCache:
 
 def _recurrent(conv_and_state: tuple, offset: int):
     """A recurrent layer's cache holding ``conv_and_state`` after ``offset`` tokens (None, None: empty)."""
-    from .families.common import recurrent_cache
-
     c = recurrent_cache()
     c[0], c[1] = conv_and_state
     c.offset = offset if c[0] is not None else 0

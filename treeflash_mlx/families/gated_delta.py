@@ -147,13 +147,13 @@ class Replay:
             path.insert(0, node)
             node = int(plan.parents[node])
         idx = mx.array(path)
-        q, k = self.q[idx], self.k[idx]
-        if (r := self.v.shape[1] // q.shape[1]) > 1:
+        q, k, v, g, beta = (a[idx] for a in (self.q, self.k, self.v, self.g, self.beta))
+        if (r := v.shape[1] // q.shape[1]) > 1:
             q, k = mx.repeat(q, r, axis=1), mx.repeat(k, r, axis=1)
         state = self.state
         for i in range(len(path)):  # the path's updates, one token at a time, as plain decoding makes them
-            _, state = delta_step(state, q[i : i + 1], k[i : i + 1], self.v[idx][i : i + 1], self.g[idx][i : i + 1],
-                                  self.beta[idx][i : i + 1])
+            step = slice(i, i + 1)
+            _, state = delta_step(state, q[step], k[step], v[step], g[step], beta[step])
         return state
 
 
@@ -220,11 +220,8 @@ def metal_tree_recurrence(q, k, v, g, beta, state, plan: TreePlan):
     Dv = v.shape[-1]
     if Dk % 32:
         raise ValueError(f"the Metal gated delta kernel needs a key head size that 32 divides, got {Dk}")
-    parents = np.full(plan.n, -1, dtype=np.int32)
-    for level, parent_slot, prev in zip(plan.levels[1:], plan.parent_slot[1:], plan.levels):
-        parents[level] = prev[parent_slot]
     y, states = _tree_kernel(
-        inputs=[q, k, v, g.astype(mx.float32), beta, state, mx.array(parents)],
+        inputs=[q, k, v, g.astype(mx.float32), beta, state, mx.array(plan.parents.astype(np.int32))],
         template=[("InT", q.dtype), ("N", plan.n), ("H", H), ("Dk", Dk), ("Dv", Dv)],
         grid=(32, Dv, H), threadgroup=(32, 1, 1),
         output_shapes=[(n, H, Dv), (n, H, Dv, Dk)], output_dtypes=[q.dtype, mx.float32])

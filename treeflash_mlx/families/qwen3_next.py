@@ -9,6 +9,8 @@ mlx-lm runs it, over a tree every node continues its parent's state.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 from mlx_lm.models import qwen3_next
 
@@ -29,9 +31,13 @@ class Qwen3Next(Family):
         (the commit is then a slice), else replayed along the accepted path (a few MiB per node saved)."""
         if self.recurrent_commit != "auto":
             return self.recurrent_commit
-        linear = [layer.linear_attn for layer in self.layers if layer.is_linear]
-        per_node = sum(la.num_v_heads * la.head_v_dim * la.head_k_dim * 4 for la in linear)  # float32 states
-        return "stored" if nodes * per_node <= self.STORED_BYTES else "replay"
+        return "stored" if nodes * self.state_bytes <= self.STORED_BYTES else "replay"
+
+    @functools.cached_property
+    def state_bytes(self) -> int:
+        """One token's recurrent states over all linear layers (float32)."""
+        return sum(layer.linear_attn.num_v_heads * layer.linear_attn.head_v_dim * layer.linear_attn.head_k_dim * 4
+                   for layer in self.layers if layer.is_linear)
 
     def make_cache(self):
         return [recurrent_cache() if layer.is_linear else KVCache() for layer in self.layers]
