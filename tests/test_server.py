@@ -169,6 +169,9 @@ def test_malformed_json_and_unknown_routes(server):
     status, headers, data = server.raw("POST", "/v1/chat/completions", b"{not json",
                                        {"Content-Type": "application/json"})
     assert status == 400 and json.loads(data)["error"]["code"] == "invalid_json"
+    # the server closes the connection after an error, and says so: a keep-alive client (the openai SDK's pool)
+    # must not send its next request into the closing socket
+    assert headers.get("Connection") == "close"
     status, _, data = server.raw("POST", "/v1/chat/completions", b"[1, 2]", {"Content-Type": "application/json"})
     assert status == 400 and "JSON object" in json.loads(data)["error"]["message"]
     status, _, data = server.raw("POST", "/v1/embeddings", b"{}", {"Content-Type": "application/json"})

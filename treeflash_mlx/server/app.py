@@ -68,6 +68,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # say so, or a keep-alive client sends its next request into a closing socket
+            self.send_header("Connection", "close")
         self._cors()
         self.end_headers()
         self.wfile.write(data)
