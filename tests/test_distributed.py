@@ -43,13 +43,13 @@ def run_launched(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complet
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def launch(spec: list[dict], out: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    """Both ranks of the worker over ``spec``; their results land in ``out``."""
+def launch(spec: list[dict], out: Path, timeout: float = 400, ranks: int = 2) -> subprocess.CompletedProcess:
+    """``ranks`` ranks of the worker over ``spec``; their results land in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return run_launched(
-        [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, "--",
+        [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "--python", sys.executable, "--",
          str(WORKER), str(out / "spec.json"), str(out)], timeout, env=env, cwd=ROOT)
 
 
@@ -70,12 +70,10 @@ def single(case: dict, mode: str, acceptance: bool = False):
     return tokens, list({r.round: r.acceptance_length for r in responses if r.round > 0}.values())
 
 
-@pytest.fixture(scope="module")
-def qwen2_pair(tmp_path_factory):
+def save_pair(root: Path, **kwargs) -> tuple[str, str]:
     """A random-weight qwen2 target (tensor- and pipeline-shardable in mlx-lm) and a drafter for it, saved with
     the index file pipeline loading reads."""
-    root = tmp_path_factory.mktemp("qwen2")
-    target = tiny_target("qwen2", layers=4)
+    target = tiny_target("qwen2", layers=4, **kwargs)
     path = save_target(target, root / "target")
     from safetensors import safe_open
 
@@ -83,6 +81,11 @@ def qwen2_pair(tmp_path_factory):
         weights = {k: "model.safetensors" for k in f.keys()}
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weights}))
     return str(path), str(save_drafter(tiny_drafter(target), root / "drafter"))
+
+
+@pytest.fixture(scope="module")
+def qwen2_pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("qwen2"))
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +184,46 @@ def test_every_rank_verifies_rank_0s_tree(sharded_runs):
     assert ranks[1]["other-trees"]["treeflash acceptance"] == acceptance
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """One launch of 4 ranks on a qwen2 pair with 4 key/value heads: tensor parallel (each rank one head of
+    each kind) and a pipeline of one layer per rank (the drafter reads layers 1 and 2, run by ranks 2 and 1)."""
+    model, drafter = save_pair(tmp_path_factory.mktemp("qwen2-4"), extra={"num_key_value_heads": 4})
+    base = {"model": model, "drafter": drafter, "prompt": "abcab", "max_tokens": 16, "tree_size": 8,
+            "reference": True}
+    cases = [{**base, "name": "tensor", "modes": ["treeflash", "chain"]},
+             {**base, "name": "pipeline", "modes": ["treeflash"], "pipeline": True},
+             {**base, "name": "sampled", "modes": ["treeflash"], "temp": 1.0, "seed": 3, "reference": False}]
+    out = tmp_path_factory.mktemp("four")
+    done = launch(cases, out, timeout=600, ranks=4)
+    assert done.returncode == 0 and all((out / f"rank{r}.json").is_file() for r in range(4)), done.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["size"] for r in ranks] == [4] * 4
+    return {c["name"]: c for c in cases}, [r["results"] for r in ranks]
+
+
+@pytest.mark.parametrize("name, mode, holds", [("tensor", "treeflash", (4, 1)), ("tensor", "chain", (4, 1)),
+                                                ("pipeline", "treeflash", (1, 4))])
+def test_four_ranks_give_the_single_process_output(four_ranks, name, mode, holds):
+    """4 ranks, each holding (layers, attention heads) ``holds``: every rank commits one process's tokens, which
+    are mlx-lm's own on the same shards; the pipeline's acceptance is one process's round by round."""
+    cases, ranks = four_ranks
+    assert [(r[name]["layers"], r[name]["heads"]) for r in ranks] == [holds] * 4
+    assert all(r[name][mode] == ranks[0][name][mode] for r in ranks)
+    assert ranks[0][name][mode] == ranks[0][name]["mlx_lm"]
+    tokens, acceptance = single(cases[name], mode, acceptance=True)
+    assert ranks[0][name][mode] == tokens
+    if name == "pipeline":
+        assert all(r[name][f"{mode} acceptance"] == acceptance for r in ranks)
+
+
+def test_four_ranks_sample_rank_0s_text(four_ranks):
+    """Each of the 4 ranks seeded differently: all commit rank 0's samples, one process's with rank 0's seed."""
+    cases, ranks = four_ranks
+    assert all(r["sampled"]["treeflash"] == ranks[0]["sampled"]["treeflash"] for r in ranks)
+    assert ranks[0]["sampled"]["treeflash"] == single(cases["sampled"], "treeflash")
+
+
 def test_seeded_sampling_follows_rank_0(sharded_runs):
     """The ranks are seeded differently (the worker adds 1000 × rank): both commit rank 0's samples, which are
     the single process's with rank 0's seed."""
@@ -234,6 +277,21 @@ def test_the_command_line_prints_once_under_mlx_launch(tmp_path):
     assert json.loads(lines[0])["tokens"] == json.loads(alone.stdout)["tokens"]
 
 
+def ranks_cpu_seconds(launcher: int) -> float:
+    """The CPU time (user and system) so far of the processes the launcher started (its process group, less the
+    launcher: mlx.launch itself polls its ranks' pipes without blocking, a cost of MLX's launcher, not of ours)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        # the fields after the command name: state, ppid, pgrp, ..., utime (11), stime (12)
+        if int(fields[2]) == launcher and int(stat.parent.name) != launcher:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def test_the_server_answers_from_rank_0_with_the_single_process_text(tmp_path):
     """``python -m treeflash_mlx.server`` on 2 ranks: rank 0 answers HTTP and shares each request; both ranks run
     it. Two completions (the second reusing the first's prompt cache) give the single process's text."""
@@ -268,6 +326,12 @@ def test_the_server_answers_from_rank_0_with_the_single_process_text(tmp_path):
             answer = json.loads(conn.getresponse().read())
             assert answer["choices"][0]["text"] == generate_text(model, tokenizer, prompt, max_tokens=12,
                                                                  drafter=drafter)
+        # Idle between requests, the ranks sleep: the waiting ranks meet rank 0 every IDLE_TICK instead of
+        # spinning inside a collective (which took most of a core per waiting rank)
+        if Path("/proc/self/stat").exists():
+            before = ranks_cpu_seconds(proc.pid)
+            time.sleep(3)
+            assert ranks_cpu_seconds(proc.pid) - before < 0.6
     finally:  # mlx.launch does not pass a SIGTERM on to the ranks, which would serve (and spin) on: end them all
         os.killpg(proc.pid, signal.SIGTERM)
         try:

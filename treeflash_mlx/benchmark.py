@@ -79,7 +79,8 @@ def long_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[list[int]]:
-    """A built-in set (code, math, chat), ``humaneval`` or any JSONL of ``prompt`` or ``messages`` lines."""
+    """A built-in set (code, math, chat, prose: writing far from code), ``humaneval`` or any JSONL of ``prompt``
+    or ``messages`` lines."""
     if file is None:
         if name == "humaneval":
             root = Path(os.environ.get("TREEFLASH_MODELS", Path.home() / ".cache" / "treeflash-models"))
@@ -92,7 +93,7 @@ def read_prompts(name: str, file: Path | None, tokenizer, count: int) -> list[li
         else:
             file = Path(name)
     if not file.is_file():
-        raise FileNotFoundError(f"prompt set '{name}' is neither code, math, chat, humaneval nor a JSONL file")
+        raise FileNotFoundError(f"prompt set '{name}' is neither code, math, chat, prose, humaneval nor a JSONL file")
     prompts = read_jsonl_prompts(file, tokenizer)
     if not prompts:
         raise ValueError(f"prompt file {file} holds no prompts")
@@ -693,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-drafter", default=None,
                    help="the drafter in the DFlash layout for the dflash-mlx modes (default: --drafter, exported)")
     p.add_argument("--prompts", default="code",
-                   help="code, math, chat, humaneval, long (standard-library sources to continue, at each of "
+                   help="code, math, chat, prose, humaneval, long (standard-library sources to continue, at each of "
                         "--context-lengths) or a JSONL file")
     p.add_argument("--context-lengths", type=_lengths, default=[512, 1024, 2048],
                    help="prompt lengths in tokens for --prompts long, comma-separated (default 512,1024,2048)")

@@ -86,18 +86,42 @@ def rank0_prints():
             raise SystemExit(1) from None
 
 
+IDLE_TICK = 0.05  # seconds between two meetings of ranks with nothing to do (a server between requests)
+
+
 def share(obj=None):
-    """Rank 0's ``obj`` (anything picklable; None: nothing) on every rank. The other ranks pass nothing and wait,
-    unwatched, until rank 0 shares: a server's ranks > 0 wait here for its next request."""
+    """Rank 0's ``obj`` (anything picklable; None: nothing) on every rank. The other ranks pass nothing and wait
+    for it: a server's ranks > 0 wait here for its next request.
+
+    A rank spins inside a collective until its peers join it, so an idle wait is a series of short meetings:
+    every ``IDLE_TICK`` seconds the waiting ranks meet rank 0, which says "nothing yet" (``tick``) until it has
+    something to share, and they sleep in between. Each meeting is watched, so a rank 0 that dies or hangs
+    between requests ends the others too."""
     import pickle
 
     group = world()
-    data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if group.rank() == 0 else np.zeros(0, np.uint8)
-    size = int(mx.distributed.all_sum(mx.array(len(data)), stream=mx.cpu).item())
-    buf = data if group.rank() == 0 else np.zeros(size, np.uint8)
+    if group.rank() == 0:
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        with watched("a shared request"):
+            mx.distributed.all_sum(mx.array(len(data)), stream=mx.cpu).item()
+        buf = data
+    else:
+        while True:
+            with watched("rank 0's next request"):
+                size = int(mx.distributed.all_sum(mx.array(0), stream=mx.cpu).item())
+            if size:  # never 0 for a request: a pickle is never empty
+                break
+            time.sleep(IDLE_TICK)
+        buf = np.zeros(size, np.uint8)
     with watched("a shared request"):
         out = np.array(mx.distributed.all_sum(mx.array(buf), stream=mx.cpu))
     return obj if group.rank() == 0 else pickle.loads(out.tobytes())
+
+
+def tick() -> None:
+    """Rank 0, with nothing to share yet: meet the ranks waiting in ``share`` (call it every ``IDLE_TICK``)."""
+    with watched("an idle meeting"):
+        mx.distributed.all_sum(mx.array(0), stream=mx.cpu).item()
 
 
 def largest(values: list[int]) -> list[int]:

@@ -301,4 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
         engine.stop()
+    if engine.lost is not None:
+        print(f"error: {engine.lost}", file=sys.stderr)
+        return 1
     return 0

@@ -8,6 +8,7 @@ in count and bytes), whichever API it came through.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import queue
@@ -142,6 +143,7 @@ class Engine:
         self.model, self.tokenizer, self.drafter = load(model_path, drafter_path, tokenizer_config,
                                                         pipeline=getattr(args, "pipeline", False))
         self.sharded = distributed.world().size() > 1  # rank 0 shares each request; the others follow()
+        self.lost: distributed.RankLost | None = None  # set when the other ranks are gone (the server then stops)
         if args.chat_template:
             self.tokenizer.chat_template = args.chat_template
         self.target = Target(self.model)
@@ -172,7 +174,7 @@ class Engine:
 
     def stop(self) -> None:
         self.jobs.put(None)
-        if getattr(self, "sharded", False):
+        if getattr(self, "sharded", False) and getattr(self, "lost", None) is None:
             self.worker.join()
             distributed.share(None)  # the other ranks' follow() ends
 
@@ -188,20 +190,38 @@ class Engine:
             except Exception:  # rank 0 meets the same error with the same input, and answers it
                 log.debug("generation failed", exc_info=True)
 
-    def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
-                job.out.put(("done", None))
-                continue
-            self.busy.set()
+    def _next_job(self) -> Job | None:
+        """The next job (None: stop). Rank 0 of a sharded target meets the other ranks while it waits: they sleep
+        between these meetings instead of spinning in a collective until the next request."""
+        if not getattr(self, "sharded", False):
+            return self.jobs.get()
+        while True:
             try:
-                self._generate(job)
-            except Exception as err:  # a request that fails must not take the worker down
-                log.exception("generation failed")
-                job.out.put(("error", err))
-            finally:
-                self.busy.clear()
-                job.out.put(("done", None))
+                return self.jobs.get(timeout=distributed.IDLE_TICK)
+            except queue.Empty:
+                distributed.tick()
+
+    def _work(self) -> None:
+        try:
+            while (job := self._next_job()) is not None:
+                if job.cancelled.is_set():
+                    job.out.put(("done", None))
+                    continue
+                self.busy.set()
+                try:
+                    self._generate(job)
+                except distributed.RankLost as err:  # the shards are gone: no request can be served any more
+                    job.out.put(("error", err))
+                    raise
+                except Exception as err:  # a request that fails must not take the worker down
+                    log.exception("generation failed")
+                    job.out.put(("error", err))
+                finally:
+                    self.busy.clear()
+                    job.out.put(("done", None))
+        except distributed.RankLost as err:
+            self.lost = err
+            _thread.interrupt_main()  # the server stops: main() reports the lost ranks in one line
 
     def _generate(self, job: Job) -> None:
         try:
