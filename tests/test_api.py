@@ -68,6 +68,20 @@ def test_ar_is_the_root_only_drafting(pair):
     assert [len(r) for r in rounds] == [1] * 5
 
 
+def test_plain_steps_are_built_before_the_caller_gets_the_last_token(pair, monkeypatch):
+    """As in mlx-lm's loop, a plain step is built and started before the previous step's token reaches the
+    caller, so the host's work overlaps the model's: when the caller holds n tokens, n steps are under way."""
+    target, _ = pair
+    steps = []
+    real = Target.forward
+    monkeypatch.setattr(Target, "forward", lambda self, tokens, *a, **k: steps.append(1) or real(self, tokens, *a, **k))
+    got = []
+    for committed in generate_step([3, 4, 5], target, make_drafting(None, Target(target)), max_tokens=12):
+        got += [c.token for c in committed]
+        assert len(steps) == 1 + min(len(got), 11)  # the prefill, then one step per token (none past the last)
+    assert got == mlx_lm_greedy(target, [3, 4, 5], 12)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(mode="chain", tree_size=4), "carries its own settings"),
 ])

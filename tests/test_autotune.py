@@ -162,6 +162,17 @@ def test_a_drafter_that_never_matches_falls_back_to_plain_steps():
     assert drafted >= 400 / (autotune.MAX_BACKOFF + 1), "it still looks, now and then, whether drafting pays"
 
 
+def test_the_next_generation_keeps_looking_as_rarely_as_the_last_one_ended():
+    """The gap between the drafted rounds that look whether drafting pays again is part of what a setup has
+    learnt: a new generation (the server's next request) does not start looking every other round again."""
+    knowledge = Knowledge()
+    run_tuner(Tuner(knowledge), lambda logp, d: np.zeros(len(logp)), 400, np.random.default_rng(5))
+    assert knowledge.backoff == autotune.MAX_BACKOFF
+    tuner = Tuner(knowledge)
+    run_tuner(tuner, lambda logp, d: np.zeros(len(logp)), 66, np.random.default_rng(6))
+    assert tuner.report()["plain_step_fraction"] >= 64 / 66
+
+
 def test_a_drafter_that_matches_drafts_every_round():
     tuner = Tuner(Knowledge())
     run_tuner(tuner, lambda logp, d: np.exp(logp), 300, np.random.default_rng(6))

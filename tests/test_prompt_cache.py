@@ -155,3 +155,34 @@ def test_the_servers_lru_hands_out_the_right_cache_and_stays_within_its_bounds(p
     small.put(conversations[0][0])
     small.put(conversations[2][0])
     assert small.entries == [conversations[2][0]] and small.nbytes() <= small.max_bytes
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_5"])
+def test_plain_steps_computed_ahead_leave_an_exact_cache_when_the_text_stops(tokenizer, family):
+    """Plain decoding builds each step before the caller sees the last step's token, as mlx-lm does. A caller
+    that stops leaves the step under way in the cache: it then holds every token the caller saw. An
+    end-of-sequence token leaves the step computed after it too. Either way the next prompt, which continues
+    the text, reuses all of it and gets the target's own output (a hybrid's recurrent states included)."""
+    from conftest import mlx_lm_greedy
+    from treeflash_mlx.speculative import generate_step
+
+    target = tiny_target(family, seed=3)
+    prompt = random_prompts(1, seed=5)[0]
+    reference = mlx_lm_greedy(target, prompt, 30)
+    cache = make_prompt_cache(target)
+    steps = stream_generate(target, tokenizer, prompt, 30, prompt_cache=cache)  # no drafter: plain decoding
+    assert [r.token for _, r in zip(range(10), steps)] == reference[:10]
+    steps.close()  # the caller stops after 10 tokens
+    assert cache.tokens == prompt + reference[:10]
+    follow = prompt + reference[:10] + [3, 4, 5]
+    want = mlx_lm_greedy(target, follow, 20)
+    assert run(target, tokenizer, follow, None, cache, n=20)[0] == want and cache.reused == len(prompt) + 10
+
+    stop = next(t for t in want[8:] if t not in want[:8])  # a token first met after 8 others: the "EOS"
+    cut = want.index(stop) + 1
+    rounds = generate_step(follow, target, prompt_cache=cache, max_tokens=20, stop_tokens=[stop])
+    assert [c.token for r in rounds for c in r] == want[:cut]
+    assert cache.tokens == follow + want[:cut]  # the step computed after the stop token holds it
+    again = follow + want[:cut] + [7, 8]
+    assert run(target, tokenizer, again, None, cache, n=12)[0] == mlx_lm_greedy(target, again, 12)
+    assert cache.reused == len(follow) + cut

@@ -235,6 +235,7 @@ class Knowledge:
     drafts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last drafting times, seconds
     drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
+    backoff: int = 1  # plain steps between two drafted rounds while drafting loses (``Tuner.wants_draft``)
 
     def add_draft(self, seconds: float) -> None:
         if np.isfinite(seconds) and seconds >= 0:
@@ -272,11 +273,12 @@ class Tuner:
         # yet, chosen. A generation that goes on from what is known chooses from its first round.
         self.warm = bool(self.knowledge.costs.count(1))
         self.timed = False
-        self.plain_streak, self.backoff = 0, 1
+        self.plain_streak = 0
         self.capped = False  # the last drafted round chose all its draft could give
         self._planned = float("nan")  # the seconds the last plan predicted
         self.chosen: Counter[int] = Counter()  # budgets of the verified rounds; 1: the root alone
         self.plain_steps = 0  # rounds that skipped drafting
+        self.alone: Plan | None = None  # the best round without drafting, as the last ``wants_draft`` saw it
         self._unsaved = 0
 
     def limit(self, max_size: int) -> None:
@@ -313,14 +315,16 @@ class Tuner:
         drafting loses, a round drafts anyway after ``backoff`` rounds (doubled each time it still loses) to see
         whether the text has changed."""
         k = self.knowledge
+        self.alone = None
         if not self.warm or self.probes or k.drafted_rate is None or not k.costs.count(1):
             return True
-        alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0, self.candidates)
+        self.alone = alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0,
+                                  self.candidates)
         if k.drafted_rate >= alone.expected / alone.seconds:
-            self.plain_streak, self.backoff = 0, 1
+            self.plain_streak, k.backoff = 0, 1
             return True
-        if self.plain_streak >= self.backoff:
-            self.plain_streak, self.backoff = 0, min(2 * self.backoff, MAX_BACKOFF)
+        if self.plain_streak >= k.backoff:
+            self.plain_streak, k.backoff = 0, min(2 * k.backoff, MAX_BACKOFF)
             return True
         self.plain_streak += 1
         return False

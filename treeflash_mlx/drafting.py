@@ -288,6 +288,21 @@ class Drafting:
     def observe(self, tree: DraftTree, path: list[int]) -> None:
         """Called once a round's ``tree`` is verified, ``path`` its accepted nodes (the root first)."""
 
+    def is_plain(self, pending) -> bool:
+        """Whether the round ``start`` just began (``pending``) is a plain step: the root alone, nothing drafted
+        or copied. Plain decoding: always."""
+        return True
+
+    def plain_ahead(self, history: Sequence[int]) -> bool:
+        """Whether the round after the next one is a plain step, decided now, before the next round's token
+        (the one after ``history``) is known. The loop then builds and starts it at once, as mlx-lm builds each
+        step before it waits for the last one's token. Plain decoding: always."""
+        return True
+
+    def observe_plain(self, context: int, seconds: float) -> None:
+        """Called for each plain step the loop ran ahead (``plain_ahead``), ``seconds`` from the token before
+        to its own, ``context`` the tokens before it."""
+
     def end(self, cache: list) -> None:
         """Called when a generation ends (or its caller stops it): the drafter ``cache`` must then hold the
         context of every committed position, as a prompt cache left behind expects."""
@@ -339,6 +354,12 @@ class DrafterDrafting(Drafting):
             return tree
         return graft(tree, copy, len(tree) if self.opts.mode == "chain" else self.opts.tree_size)
 
+    def is_plain(self, pending) -> bool:
+        return False
+
+    def plain_ahead(self, history: Sequence[int]) -> bool:
+        return False
+
     def max_nodes(self) -> int:
         """A chain holds the root and block_size - 1 tokens; a tree (a copy grafted in included) tree_size nodes."""
         return self.drafter.args.block_size if self.opts.mode == "chain" else self.opts.tree_size
@@ -370,12 +391,14 @@ class AutoDrafting(DrafterDrafting):
         self.cache_key = cache_key  # the cache file's entry for this pair on this machine; None: no file
         self._round: tuple | None = None
         self._defer = False  # the round just verified did not draft: its context features can wait
+        self._decided: bool | None = None  # the next round's draft-or-not, decided early by ``plain_ahead``
         self._deferred: tuple[list, list[mx.array]] | None = None  # (drafter cache, features waiting for it)
 
     DEFER_LIMIT = 256  # positions whose features may wait; then they are appended anyway (bounded memory)
 
     def adopt(self, cache: list | None) -> list:
-        self._deferred, self._defer = None, False  # a new generation: what waited stays out (``PromptCache.fit``)
+        self._deferred, self._defer, self._decided = None, False, None  # a new generation: what waited stays out
+        # (``PromptCache.fit``)
         return super().adopt(cache)
 
     def append_context(self, features: mx.array, cache: list) -> None:
@@ -403,7 +426,10 @@ class AutoDrafting(DrafterDrafting):
 
     def start(self, history: Sequence[int], cache: list, timer=untimed) -> _Pending:
         copy = self._copy(history, self.opts)
-        if not self.tuner.wants_draft(len(history), np.arange(1, len(copy) + 1)):
+        decided, self._decided = self._decided, None
+        if decided is None:
+            decided = self.tuner.wants_draft(len(history), np.arange(1, len(copy) + 1))
+        if not decided:
             return _Pending(None, copy, self.opts, len(history), 0.0)  # no drafter pass: the root, and the copy
         if self._deferred is not None:  # what plain steps deferred is no cost of this round's drafting: timed apart
             self._flush(cache)
@@ -412,6 +438,35 @@ class AutoDrafting(DrafterDrafting):
         opts = replace(self.opts, tree_size=self.tuner.draft_size())
         arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, opts, timer, self.head)
         return _Pending(arrays, copy, opts, len(history), time.perf_counter() - tic)
+
+    def is_plain(self, pending: _Pending) -> bool:
+        """Nothing drafted, and no copy, or one the tuner would not verify (its best round without drafting is
+        the root alone)."""
+        return pending.arrays is None and (not len(pending.copy) or self._root_alone())
+
+    def _root_alone(self) -> bool:
+        return self.tuner.alone is not None and self.tuner.alone.size == 1
+
+    def plain_ahead(self, history: Sequence[int]) -> bool:
+        """The tuner's draft-or-not for the round after the next, from ``history`` (one token short of that
+        round's own): a plain step where it would not draft nor verify a copy from the context. Otherwise the
+        decision is kept for that round's ``start``, so that the tuner's backoff counts each round once."""
+        copy = self._copy(history, self.opts)
+        self._decided = self.tuner.wants_draft(len(history) + 1, np.arange(1, len(copy) + 1))
+        if self._decided or (len(copy) and not self._root_alone()):
+            return False
+        self._decided = None
+        return True
+
+    def observe_plain(self, context: int, seconds: float) -> None:
+        self._defer = True  # its context features wait for the next drafted round (``append_context``)
+        self.tuner.observe(1, False, 1, context, 0.0, seconds)
+        self._save()
+
+    def _save(self) -> None:
+        """Write what was learnt to the cache file, when it is due (``Tuner.wants_saving``)."""
+        if self.cache_key is not None and self.tuner.wants_saving():
+            autotune.write_cache(autotune.cache_path(), self.cache_key, self.tuner.knowledge)
 
     def finish(self, root: int, pending: _Pending, timer=untimed) -> DraftTree:
         tic = time.perf_counter()
@@ -443,8 +498,7 @@ class AutoDrafting(DrafterDrafting):
             accepted = (*scored, on_path[1:kept], tree.depths[kept:], on_path[kept:])
         drafted = draft_seconds is not None
         self.tuner.observe(len(tree), drafted, len(path), context, draft_seconds or 0.0, verify_seconds, accepted)
-        if self.cache_key is not None and self.tuner.wants_saving():
-            autotune.write_cache(autotune.cache_path(), self.cache_key, self.tuner.knowledge)
+        self._save()
 
     def check_budget(self, context: int) -> None:
         """The largest budget that fits becomes the most a round may draft; refused only when none does."""

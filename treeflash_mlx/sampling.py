@@ -100,7 +100,7 @@ class _NodeSamples:
         return self.samples[node]
 
 
-def _check_token(token: int, vocab_size: int) -> int:
+def check_token(token: int, vocab_size: int) -> int:
     if not 0 <= token < vocab_size:
         raise ValueError(f"the sampler returned token id {token}, outside the vocabulary [0, {vocab_size}); "
                          "a sampler must return an index into the logits it is given")
@@ -139,14 +139,14 @@ def sample_and_accept(
         path, bonus = accept(tree, np.array(greedy(logits)))
         rows = log_softmax(logits[mx.array(path)])
         if np.array_equal(np.array(greedy(rows)), np.append(tree.tokens[path[1:]], bonus)):
-            return path, _check_token(bonus, vocab_size), rows
+            return path, check_token(bonus, vocab_size), rows
         logprobs = log_softmax(logits)
         path, bonus = accept(tree, np.array(greedy(logprobs)))
-        return path, _check_token(bonus, vocab_size), logprobs[mx.array(path)]
+        return path, check_token(bonus, vocab_size), logprobs[mx.array(path)]
     keys = keys or PositionKeys()
     samples = _NodeSamples(logits, tree, sampler, keys)
     path, bonus = accept(tree, samples)
     keys.commit(len(path))
     rows = mx.concatenate([samples.row(n) for n in path])
     mx.async_eval(rows)
-    return path, _check_token(bonus, vocab_size), rows
+    return path, check_token(bonus, vocab_size), rows

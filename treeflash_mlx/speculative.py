@@ -16,13 +16,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .distributed import ranks_of
+from .distributed import Alone, ranks_of
 from .drafter import Drafter
 from .drafting import Drafting, make_drafting, untimed
 from .prompt_cache import PromptCache, make_prompt_cache
 from .quantized_kv import (DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START, before_switch, check_cache,
                            kv_quantization, prefill_chunks, quantize_at, switch_offset)
-from .sampling import LogitsProcessor, PositionKeys, Sampler, greedy, node_logits
+from .sampling import LogitsProcessor, PositionKeys, Sampler, check_token, greedy, log_softmax, node_logits
 from .target import Target, cache_offset
 from .tree import root_only
 from .validation import integer, stop_strings as _stop_strings, token_ids
@@ -142,6 +142,75 @@ def token_limit(target: Target, n_prompt: int, max_tokens: int) -> int | None:
     return room if max_tokens < 0 else (max_tokens if room is None else min(max_tokens, room))
 
 
+class _Step(NamedTuple):
+    """A plain decoding step, built and started: its token (1,) and log-probabilities (1, V), still computing."""
+
+    token: mx.array
+    rows: mx.array
+    features: mx.array | None
+
+
+def plain_step(target: Target, cache: PromptCache, capture: list[int], token: mx.array, sampler: Sampler,
+               keys: PositionKeys) -> _Step:
+    """One decoding step after the cache from ``token`` (1,), which may itself be the last step's token, not yet
+    computed. The sample draws from its position's seed, as a tree's root would (``sampling.PositionKeys``)."""
+    logits, features = target.forward(token, cache.target, capture)
+    rows = log_softmax(logits)
+    if sampler is not greedy:  # greedy draws nothing
+        mx.random.seed(keys.seed(0))
+        keys.commit(1)
+    step = _Step(sampler(rows).reshape(1), rows, features)
+    mx.async_eval(step.token, step.rows)
+    return step
+
+
+def plain_steps(target: Target, cache: PromptCache, drafting: Drafting, sampler: Sampler, keys: PositionKeys,
+                history: list[int], new: list[Committed], limit: int | None, emitted: int, stop_tokens: set[int],
+                round_index: int):
+    """Plain decoding steps, one round each, for as long as ``drafting.plain_ahead`` says the next round is
+    one too. As in mlx-lm's loop, each step is built and started before the last one's token is waited for,
+    so the host's work (the caller's included) overlaps the model's.
+
+    Enters with ``new``, the tokens to yield (counted in ``emitted``), whose last (``history[-1]``) the first step
+    reads. Returns the tokens of the last step, not yet yielded or counted, the count of those yielded and the
+    round index; the loop goes on from there. The
+    step started ahead of a stop token is not wasted: its K/V (and features) hold that token, which the cache
+    then holds too, as mlx-lm's holds the step it computed ahead."""
+    capture = drafting.capture
+    step = plain_step(target, cache, capture, mx.array(history[-1:]), sampler, keys)
+    tic = time.perf_counter()
+    while True:
+        try:
+            yield new
+        except GeneratorExit:  # the step under way holds history[-1]: the cache keeps it
+            cache.tokens.append(history[-1])
+            if capture:
+                drafting.append_context(step.features, cache.drafter)
+            drafting.end(cache.drafter)
+            cache.checkpoint()
+            raise
+        cache.tokens.append(history[-1])
+        ahead = (limit is None or emitted + 1 < limit) and drafting.plain_ahead(history)
+        following = plain_step(target, cache, capture, step.token, sampler, keys) if ahead else None
+        token = check_token(int(step.token.item()), target.vocab_size)
+        now = time.perf_counter()
+        drafting.observe_plain(len(history), now - tic)
+        tic = now
+        if capture:
+            drafting.append_context(step.features, cache.drafter)
+        round_index += 1
+        new = [Committed(token, step.rows[0], False, round_index)]
+        if following is None or token in stop_tokens:
+            if following is not None:  # the step ahead wrote this last token's K/V
+                cache.tokens.append(token)
+                if capture:
+                    drafting.append_context(following.features, cache.drafter)
+            return new, emitted, round_index
+        emitted += 1
+        history.append(token)
+        step = following
+
+
 def generate_step(
     prompt: Sequence[int],
     model: nn.Module,
@@ -207,6 +276,9 @@ def generate_step(
     _, root, logprobs = ranks.accept(node_logits(logits, first, prompt, processors), first, sampler, keys)
 
     new, emitted, round_index, history = [Committed(root, logprobs[0], False, 0)], 0, 0, list(prompt)
+    # Plain steps overlap as mlx-lm's do (``plain_steps``): on one process, where the host need not see a
+    # step's token to build the next one (no logits processors, no K/V switch ahead) and no stage is timed.
+    overlap = isinstance(ranks, Alone) and not processors and switch is None and stats is None
     while True:
         if stats:
             stats.start()
@@ -216,6 +288,11 @@ def generate_step(
         history.extend(c.token for c in new)
         ends = (limit is not None and emitted >= limit) or any(c.token in stop_tokens for c in new)
         pending = None if ends else drafting.start(history, cache.drafter, timer)
+        if overlap and not ends and drafting.is_plain(pending):
+            new, emitted, round_index = yield from plain_steps(target, cache, drafting, sampler, keys, history, new,
+                                                               limit, emitted, stop_tokens, round_index)
+            root = new[-1].token
+            continue
         try:
             yield new
         except GeneratorExit:  # the caller stopped here (a stop string, a closed stream): a turn boundary
