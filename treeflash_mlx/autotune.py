@@ -33,7 +33,12 @@ import numpy as np
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # budgets (root included) a round may choose
 PROBES = (1, 4, 16, 64)  # verified once each early on, where no cost is known yet
-MAX_BACKOFF = 32  # plain steps, at most, between two drafted rounds that look whether drafting pays again
+# While drafting loses, a drafted round now and then looks whether it pays again. The gap between two looks
+# doubles up to a cap: at least MIN_LOOK_GAP rounds, more where a look costs many rounds without drafting (a tiny
+# target, a slow drafter), so that the looks take at most LOOK_SHARE of the time; never more than MAX_BACKOFF.
+MIN_LOOK_GAP = 32
+MAX_BACKOFF = 512
+LOOK_SHARE = 0.03
 
 
 class CostModel:
@@ -324,10 +329,16 @@ class Tuner:
             self.plain_streak, k.backoff = 0, 1
             return True
         if self.plain_streak >= k.backoff:
-            self.plain_streak, k.backoff = 0, min(2 * k.backoff, MAX_BACKOFF)
+            self.plain_streak, k.backoff = 0, min(2 * k.backoff, self.look_gap(alone))
             return True
         self.plain_streak += 1
         return False
+
+    def look_gap(self, alone: Plan) -> int:
+        """The longest gap between two looks: a look costs a drafted round (the fitted seconds of the drafted
+        rounds) in place of ``alone``, the best round without drafting; it may take LOOK_SHARE of the time."""
+        extra = max(self.knowledge.drafted[1] / alone.seconds - 1.0, 0.0)  # a look's cost, in undrafted rounds
+        return int(np.clip(np.ceil(extra / LOOK_SHARE), MIN_LOOK_GAP, MAX_BACKOFF))
 
     def choose(self, tree_logp: np.ndarray, tree_depths: np.ndarray, copy_positions: np.ndarray, ctx: int,
                draft_seconds: float | None) -> Plan:

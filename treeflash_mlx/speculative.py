@@ -160,7 +160,7 @@ def plain_step(target: Target, cache: PromptCache, capture: list[int], token: mx
         mx.random.seed(keys.seed(0))
         keys.commit(1)
     step = _Step(sampler(rows).reshape(1), rows, features)
-    mx.async_eval(step.token, step.rows)
+    mx.async_eval(step.token, step.rows, *([] if features is None else [features]))
     return step
 
 
