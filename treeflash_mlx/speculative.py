@@ -173,9 +173,8 @@ def plain_steps(target: Target, cache: PromptCache, drafting: Drafting, sampler:
 
     Enters with ``new``, the tokens to yield (counted in ``emitted``), whose last (``history[-1]``) the first step
     reads. Returns the tokens of the last step, not yet yielded or counted, the count of those yielded and the
-    round index; the loop goes on from there. The
-    step started ahead of a stop token is not wasted: its K/V (and features) hold that token, which the cache
-    then holds too, as mlx-lm's holds the step it computed ahead."""
+    round index; the loop goes on from there. The step started ahead of a stop token is not wasted: its K/V (and
+    features) hold that token, which the cache then holds too, as mlx-lm's holds the step it computed ahead."""
     capture = drafting.capture
     step = plain_step(target, cache, capture, mx.array(history[-1:]), sampler, keys)
     tic = time.perf_counter()
