@@ -60,8 +60,11 @@ class CostModel:
         self.added = 0  # observations ever added: each one's index, for its age
         self.decay = decay
         self._fit: tuple[np.ndarray, np.ndarray, float, float] | None = None
+        self._unfitted = 0  # observations added since the last fit
 
     OUTLIER = 2.0  # a time beyond this multiple of the prediction counts as that multiple (a stall, not a cost)
+    REFIT = 8  # observations between two fits once a size has a few: a fit per round would cost more host time
+    # than a plain step of a small target leaves free
 
     def add(self, n: int, ctx: int, seconds: float) -> None:
         if not (np.isfinite(seconds) and seconds > 0):
@@ -70,7 +73,9 @@ class CostModel:
             seconds = min(seconds, self.OUTLIER * float(self.predict([n], ctx)[0]))
         self.by_size.setdefault(int(n), deque(maxlen=self.per_size)).append((self.added, float(ctx), float(seconds)))
         self.added += 1
-        self._fit = None
+        self._unfitted += 1
+        if self.count(n) <= 3 or self._unfitted >= self.REFIT:
+            self._fit = None
 
     def count(self, n: int) -> int:
         return len(self.by_size.get(n, ()))
@@ -92,6 +97,7 @@ class CostModel:
         are told apart from the intercepts only by that spread, and noise would otherwise make them up); until
         then, and if the fit is not physical (a negative cost), each size's cost is its weighted mean."""
         if self._fit is None:
+            self._unfitted = 0
             rows = np.array([(n, i, ctx, y) for n, q in self.by_size.items() for i, ctx, y in q], dtype=np.float64)
             sizes = np.array(self.sizes)
             n, age, ctx, y = rows[:, 0], self.added - 1 - rows[:, 1], rows[:, 2] / self.CTX_UNIT, rows[:, 3]
@@ -323,8 +329,11 @@ class Tuner:
         self.alone = None
         if not self.warm or self.probes or k.drafted_rate is None or not k.costs.count(1):
             return True
-        self.alone = alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0,
-                                  self.candidates)
+        if len(copy_positions):
+            alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0, self.candidates)
+        else:  # the root alone (the common case, every plain step of a run: no more host work than needed)
+            alone = Plan(1, 0, 1.0, float(k.costs.predict([1], ctx)[0]))
+        self.alone = alone
         if k.drafted_rate >= alone.expected / alone.seconds:
             self.plain_streak, k.backoff = 0, 1
             return True
