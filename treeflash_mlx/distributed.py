@@ -266,6 +266,8 @@ def watched(what: str):
 class Alone:
     """One process holds the whole target: the round's tree and choice are its own."""
 
+    together = False  # True where other ranks must take each round's tree and choice from rank 0
+
     def tree(self, tree: DraftTree) -> DraftTree:
         return tree
 
@@ -284,6 +286,7 @@ class Ranks(Alone):
     raise too instead of waiting."""
 
     FAILED = -1
+    together = True
 
     def __init__(self, group: mx.distributed.Group, capacity: int):
         self.group = group

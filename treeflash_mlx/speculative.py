@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .distributed import Alone, ranks_of
+from .distributed import ranks_of
 from .drafter import Drafter
 from .drafting import Drafting, make_drafting, untimed
 from .prompt_cache import PromptCache, make_prompt_cache
@@ -277,7 +277,7 @@ def generate_step(
     new, emitted, round_index, history = [Committed(root, logprobs[0], False, 0)], 0, 0, list(prompt)
     # Plain steps overlap as mlx-lm's do (``plain_steps``): on one process, where the host need not see a
     # step's token to build the next one (no logits processors, no K/V switch ahead) and no stage is timed.
-    overlap = isinstance(ranks, Alone) and not processors and switch is None and stats is None
+    overlap = not ranks.together and not processors and switch is None and stats is None
     while True:
         if stats:
             stats.start()
