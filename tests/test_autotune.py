@@ -162,6 +162,23 @@ def test_a_drafter_that_never_matches_falls_back_to_plain_steps():
     assert drafted >= 400 / (tuner.knowledge.backoff + 1), "it still looks, now and then, whether drafting pays"
 
 
+def test_a_stalled_timing_of_the_root_alone_does_not_rule_plain_steps_out():
+    """The probe that times the root alone stalls (kernels compiled for its shapes, another process): a tree can
+    never cost less than its root, so plain steps still win against a drafter that never matches, and their own
+    timings replace the stall."""
+    tuner = Tuner(Knowledge())
+    real_observe = tuner.observe
+
+    def observe(n, drafted, tokens, ctx, draft, seconds, *a):
+        stalled = n == 1 and not tuner.knowledge.costs.count(1)
+        real_observe(n, drafted, tokens, ctx, draft, 30 * seconds if stalled else seconds, *a)
+
+    tuner.observe = observe
+    run_tuner(tuner, lambda logp, d: np.zeros(len(logp)), 400, np.random.default_rng(5))
+    assert tuner.report()["plain_step_fraction"] > 0.85
+    assert tuner.knowledge.costs.predict([1], 500)[0] == pytest.approx(true_cost(1, 500), rel=0.05)
+
+
 @pytest.mark.parametrize("draft", [0.004, 0.05])
 def test_the_looks_at_a_drafter_that_never_matches_take_a_small_share_of_the_time(draft):
     """However dear a drafted round is against a plain step (the drafter costs 0.4 or 5 plain steps here), the

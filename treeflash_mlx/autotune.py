@@ -49,7 +49,7 @@ class CostModel:
     cached key. Fitted by weighted least squares over the last ``per_size`` observations of each size, each
     weighing ``decay`` less for every later observation (of any size), so that costs that drift (a loaded machine,
     a cache grown cold) are followed, while sizes chosen rarely keep what they last measured. Sizes never measured
-    are interpolated linearly in n between measured neighbours."""
+    are interpolated linearly in n between measured neighbours. The root alone (n = 1) is never dearer than a tree."""
 
     CTX_UNIT = 1024.0  # context in units of 1024 tokens keeps the normal equations well scaled
     MIN_SPREAD = 64.0  # tokens of context spread (within sizes) before the slopes are fitted
@@ -114,6 +114,11 @@ class CostModel:
                 c = means - (beta + alpha * sizes) * (onehot.T @ (w * ctx)) / per_size
                 if np.all(c > 0):
                     self._fit = (sizes, c, beta, alpha)
+            sizes, c, beta, alpha = self._fit
+            if sizes[0] == 1 and len(sizes) > 1:  # the root alone is part of every tree's work: never dearer
+                c = c.copy()  # (a lone stalled timing of it would otherwise rule plain steps out, and with them
+                c[0] = min(c[0], c[1:].min())  # the very timings that would correct it)
+                self._fit = (sizes, c, beta, alpha)
         return self._fit
 
     def predict(self, n, ctx: float) -> np.ndarray:
