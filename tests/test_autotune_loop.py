@@ -177,3 +177,20 @@ def test_plain_steps_defer_the_drafters_context_and_a_reused_prompt_cache_stays_
     for _ in generate_step(follow + want + [9], target, drafting, prompt_cache=cache, max_tokens=40):
         pass  # run to its own end
     assert cache.drafter_length == len(cache.tokens)
+
+
+def test_costs_learnt_with_another_blas_are_kept_apart(tmp_path, monkeypatch):
+    """A process left with MLX's reference BLAS (mlx imported first) verifies trees as slowly as that many single
+    steps: what it learns must not become the next processes' costs."""
+    from treeflash_mlx import _blas
+    from treeflash_mlx.loading import load
+
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "autotune.json"))
+    target = tiny_target("qwen3", seed=6)
+    model, _, drafter = load(save_target(target, tmp_path / "target"),
+                             save_drafter(tiny_drafter(target), tmp_path / "drafter"))
+    keys = set()
+    for blas in ("/usr/lib/libopenblas.so.0", None):
+        monkeypatch.setattr(_blas, "active_blas", blas)
+        keys.add(make_drafting(drafter, Target(model)).cache_key)
+    assert len(keys) == 2 and any("reference BLAS" in k for k in keys)

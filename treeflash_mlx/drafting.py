@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import mlx.core as mx
 import numpy as np
 
-from . import autotune
+from . import _blas, autotune
 from .drafter import ContextWindow, Drafter, context_window
 from .sampling import log_softmax
 from .target import Target
@@ -528,6 +528,8 @@ def auto_drafting(drafter: Drafter, target: Target, opts: DraftOptions) -> AutoD
     device = str(mx.default_device())
     if mx.default_device() != mx.cpu and hasattr(mx, "metal"):
         device += " " + str(mx.metal.device_info().get("device_name", ""))
+    else:  # the CPU's costs are the BLAS's: a process left with the reference one must not teach the next ones
+        device += " " + os.path.basename(_blas.active_blas or "reference BLAS")
     model, drafter_path = (os.path.realpath(p) for p in paths)  # one key whatever the directory it is run from
     key = f"{model} | {drafter_path} | {setup} | {autotune.machine(device)}"
     return AutoDrafting(drafter, target, opts, autotune.knowledge_for(key, autotune.cache_path()), key)
