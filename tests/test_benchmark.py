@@ -256,3 +256,16 @@ def test_the_peer_accepts_what_our_chain_accepts_with_the_demo_drafter(tmp_path,
     chain = rows["chain@nolookup"]  # our copies from the context would add branches the peer's chain lacks
     assert rows["dflash-mlx"]["lossless"] and rows["dflash-mlx"]["copied_rounds"] == 0
     assert rows["dflash-mlx"]["taus"] == chain["taus"] and chain["mean_acceptance_length"] > 1.2
+
+
+def test_sampling_modes_sample_the_same_text_per_prompt(models, tmp_path, capsys, monkeypatch):
+    """At a temperature, each prompt's runs start from one seed: every mode of ours samples the same text, so the
+    table compares speeds, not which mode drew a text that copies its prompt."""
+    texts, real = {}, benchmark.run_ours
+    monkeypatch.setattr(benchmark, "run_ours", lambda *a, **k: (lambda r: texts.setdefault(
+        (a[4], a[7]["tree_size"], a[7]["draft_lookup"]), []).append(r["tokens"]) or r)(real(*a, **k)))
+    bench(capsys, models, tmp_path, "--modes", "ar,marginal,treeflash@4,treeflash@16+nolookup,treeflash@auto",
+          "--temp", "0.9", "--num-prompts", "3", "--max-tokens", "16")
+    runs = [t[1:] for t in texts.values()]  # the first run of each mode warms up; then timed and profiled runs
+    assert len(runs) == 4 and all(r == runs[0] for r in runs)
+    assert len({tuple(t) for t in runs[0]}) == 3, "each prompt has its own text"

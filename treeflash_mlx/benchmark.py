@@ -615,8 +615,13 @@ def compare(model, tokenizer, drafter, draft_model, prompts, modes, args, sample
         if id(prompt) not in prefilled:
             prefill(prompt)
         for m in modes:  # interleaved: the same prompt through every mode before the next prompt
+            # Sampling: each prompt's runs start from one seed, so that all our modes sample the same text (each
+            # position's sample comes from its own seed, whatever the tree) and differ only in speed; else the
+            # luck of the draw (a sampled text that copies its prompt, or not) outweighs the modes.
+            mx.random.seed(args.seed + i)
             runs[m].append(once(m, prompt, tree_sizes.get(m, 64)))
         for m in ours if i < args.profile_prompts else ():  # the time split, from separate synced runs
+            mx.random.seed(args.seed + i)
             profiles[m].append(once(m, prompt, tree_sizes.get(m, 64), profile=True))
         print(f"prompt {i + 1}/{len(prompts)}", file=sys.stderr)
 
