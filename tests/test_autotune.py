@@ -40,11 +40,14 @@ def test_costs_at_one_context_are_the_sizes_means_and_unmeasured_sizes_are_inter
     costs = CostModel()
     for s in (0.010, 0.012, 0.011):
         costs.add(1, 500, s)
+        costs.add(4, 500, 1.5 * s)
         costs.add(16, 500, 2 * s)
     assert costs.fit()[2:] == (0.0, 0.0), "one context cannot tell slopes from intercepts"
-    assert costs.predict([1, 16], 500) == pytest.approx([0.011, 0.022], rel=1e-3)
-    assert costs.predict([8], 500)[0] == pytest.approx(0.011 + 7 / 15 * 0.011, rel=1e-3)
+    assert costs.predict([1, 4, 16], 500) == pytest.approx([0.011, 0.0165, 0.022], rel=1e-3)
+    assert costs.predict([8], 500)[0] == pytest.approx(0.0165 + 4 / 12 * 0.0055, rel=1e-3)
     assert costs.predict([32], 500)[0] >= 0.022
+    # Below the smallest tree measured: that tree's cost, not a share of a plain step's.
+    assert costs.predict([2, 3], 500) == pytest.approx([0.0165, 0.0165], rel=1e-3)
 
 
 def test_costs_follow_a_machine_that_gets_slower():
@@ -94,6 +97,17 @@ def test_copies_are_calibrated_per_position():
         positions = np.arange(1, 16)
         model.observe(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), positions, rng.random(15) < rates)
     np.testing.assert_allclose(model.copy_prob(np.arange(1, 16)), rates, atol=0.04)
+
+
+def test_a_copy_position_rarely_verified_is_no_likelier_than_those_before_it():
+    """Copies that fail early are seldom verified deep: the deep positions' own records are thin, and their
+    prior alone would promise more than the positions before them deliver (a 15-token copy at T=0.7 looked
+    worth four plain steps, and was verified for one token)."""
+    model = Acceptance()
+    for _ in range(30):
+        model.observe(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), np.arange(1, 3), np.array([True, False]))
+    p = model.copy_prob(np.arange(1, 16))
+    assert p[1] < 0.1 and np.all(np.diff(p) <= 0) and p.sum() < 1.5
 
 
 def test_merged_gains_take_the_best_split_of_tree_and_copy():

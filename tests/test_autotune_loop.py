@@ -194,3 +194,20 @@ def test_costs_learnt_with_another_blas_are_kept_apart(tmp_path, monkeypatch):
         monkeypatch.setattr(_blas, "active_blas", blas)
         keys.add(make_drafting(drafter, Target(model)).cache_key)
     assert len(keys) == 2 and any("reference BLAS" in k for k in keys)
+
+
+def test_a_rounds_cost_is_all_it_makes_the_loop_do_not_its_verification_alone(tokenizer):
+    """Rounds are timed from the end of the last one, as plain steps are: the host work of a tree round (and
+    the caller's handling of its tokens) is part of its cost. Timed by verification alone, a tree round on a
+    small target looked as cheap as a plain step while costing twice one."""
+    import time
+
+    target = tiny_target("qwen3", seed=5)
+    prompt = random_prompts(1, seed=12)[0]
+    reference = mlx_lm_greedy(target, prompt, 60)
+    drafting = Rigged(target, tiny_drafter(target), prompt + reference, right=True)
+    for r in stream_generate(target, tokenizer, prompt, 60, drafter=drafting):
+        time.sleep(0.02)  # the caller's handling of each token: 20 ms, far beyond the tiny target's verification
+    costs = drafting.tuner.knowledge.costs
+    trees = [n for n in costs.sizes if n > 1 and costs.count(n)]
+    assert trees and all(s >= 0.02 for n, _, s in costs.observations if n > 1)

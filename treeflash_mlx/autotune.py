@@ -49,7 +49,9 @@ class CostModel:
     cached key. Fitted by weighted least squares over the last ``per_size`` observations of each size, each
     weighing ``decay`` less for every later observation (of any size), so that costs that drift (a loaded machine,
     a cache grown cold) are followed, while sizes chosen rarely keep what they last measured. Sizes never measured
-    are interpolated linearly in n between measured neighbours. The root alone (n = 1) is never dearer than a tree."""
+    are interpolated linearly in n between measured neighbours, except that a tree smaller than the smallest one
+    measured costs what that one does (not a share of a plain step's cost: a tree round's host work, and a matrix
+    product of a few rows, cost about as much). The root alone (n = 1) is never dearer than a tree."""
 
     CTX_UNIT = 1024.0  # context in units of 1024 tokens keeps the normal equations well scaled
     MIN_SPREAD = 64.0  # tokens of context spread (within sizes) before the slopes are fitted
@@ -129,6 +131,8 @@ class CostModel:
             base = c[0] * np.maximum(1.0, n / sizes[0]) ** 0.5
         else:
             base = np.interp(n, sizes, c)
+            if sizes[0] == 1:  # below the smallest tree measured: what it costs (a tree round's host work, and a
+                base = np.where(n > 1, np.maximum(base, c[1]), base)  # product of a few rows, cost about as much)
             above = n > sizes[-1]  # beyond the largest: the last measured slope per node
             slope = max((c[-1] - c[-2]) / (sizes[-1] - sizes[-2]), 0.0)
             base = np.where(above, c[-1] + slope * (n - sizes[-1]), base)
@@ -184,9 +188,13 @@ class Acceptance:
         return (self.accepted[d, b] + self.PRIOR * p) / (self.seen[d, b] + self.PRIOR)
 
     def copy_prob(self, positions: np.ndarray) -> np.ndarray:
-        j = np.minimum(positions, len(self.copy_seen) - 1)
+        """P(the copy is accepted up to and including ``positions``): each position's observed rate, shrunk
+        towards ``COPY_PRIOR``, and never above an earlier position's (a copied token is accepted only after
+        all those before it: a deep position rarely verified must not keep the prior's hopes)."""
         rate, weight = self.COPY_PRIOR
-        return (self.copy_accepted[j] + weight * rate) / (self.copy_seen[j] + weight)
+        rates = (self.copy_accepted + weight * rate) / (self.copy_seen + weight)
+        rates[1:] = np.minimum.accumulate(rates[1:])  # (positions count from 1)
+        return rates[np.minimum(positions, len(self.copy_seen) - 1)]
 
     def observe(self, logp: np.ndarray, depths: np.ndarray, accepted: np.ndarray,
                 copy_positions: np.ndarray = np.zeros(0, np.int64), copy_accepted: np.ndarray = np.zeros(0, bool)):

@@ -393,11 +393,14 @@ class AutoDrafting(DrafterDrafting):
         self._defer = False  # the round just verified did not draft: its context features can wait
         self._decided: bool | None = None  # the next round's draft-or-not, decided early by ``plain_ahead``
         self._deferred: tuple[list, list[mx.array]] | None = None  # (drafter cache, features waiting for it)
+        self._last_end: float | None = None  # when the last round of this generation ended (``_round_seconds``)
+        self._flushed = 0.0  # seconds this round spent appending what plain steps deferred: their cost, not its
 
     DEFER_LIMIT = 256  # positions whose features may wait; then they are appended anyway (bounded memory)
 
     def adopt(self, cache: list | None) -> list:
         self._deferred, self._defer, self._decided = None, False, None  # a new generation: what waited stays out
+        self._last_end = None
         # (``PromptCache.fit``)
         return super().adopt(cache)
 
@@ -431,10 +434,12 @@ class AutoDrafting(DrafterDrafting):
             decided = self.tuner.wants_draft(len(history), np.arange(1, len(copy) + 1))
         if not decided:
             return _Pending(None, copy, self.opts, len(history), 0.0)  # no drafter pass: the root, and the copy
-        if self._deferred is not None:  # what plain steps deferred is no cost of this round's drafting: timed apart
+        tic = time.perf_counter()
+        if self._deferred is not None:  # what plain steps deferred is no cost of this round's: timed apart
             self._flush(cache)
             mx.eval([c.state for c in cache])
-        tic = time.perf_counter()
+        self._flushed = time.perf_counter() - tic
+        tic += self._flushed
         opts = replace(self.opts, tree_size=self.tuner.draft_size())
         arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, opts, timer, self.head)
         return _Pending(arrays, copy, opts, len(history), time.perf_counter() - tic)
@@ -460,8 +465,19 @@ class AutoDrafting(DrafterDrafting):
 
     def observe_plain(self, context: int, seconds: float) -> None:
         self._defer = True  # its context features wait for the next drafted round (``append_context``)
-        self.tuner.observe(1, False, 1, context, 0.0, seconds)
+        self.tuner.observe(1, False, 1, context, 0.0, self._round_seconds(seconds))
         self._save()
+
+    def _round_seconds(self, measured: float) -> float:
+        """A round's cost: the time since the last round ended (everything the round made the loop do: its host
+        work, its verification, the caller's handling of its tokens, as plain steps are timed), less what
+        plain steps deferred to it; ``measured`` (its verification alone) for a generation's first round. Timing
+        verification alone would price a tree round's host work at nothing, which on a small target is as
+        much as a plain step, and rounds that cannot pay would look as if they did."""
+        now = time.perf_counter()
+        seconds = measured if self._last_end is None else max(now - self._last_end - self._flushed, measured)
+        self._last_end, self._flushed = now, 0.0
+        return seconds
 
     def _save(self) -> None:
         """Write what was learnt to the cache file, when it is due (``Tuner.wants_saving``)."""
@@ -489,7 +505,8 @@ class AutoDrafting(DrafterDrafting):
 
     def observe(self, tree: DraftTree, path: list[int]) -> None:
         context, draft_seconds, scored, tic = self._round
-        verify_seconds = time.perf_counter() - tic
+        drafting = draft_seconds or 0.0
+        verify_seconds = self._round_seconds(drafting + time.perf_counter() - tic) - drafting
         accepted = None
         if len(tree) - tree.copied == len(scored[0]) + 1:  # (not cut by a K/V quantization switch)
             on_path = np.zeros(len(tree), dtype=bool)
