@@ -158,12 +158,13 @@ class Acceptance:
 
     so that a drafter whose scores mean little (an untrained one) is found out after a round or two, long before
     each of its bins has been seen. Copies from the context have no score: a copied node's probability is the rate
-    observed at its position along the copy (shrunk towards ``COPY_PRIOR``)."""
+    observed at its position along the copy, shrunk towards ``COPY_PRIOR`` (``copy_prob``)."""
 
     EDGES = np.array([-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1])  # log p
     PRIOR = 2.0  # w: pseudo-nodes of the depth-scaled p in every bin
     MASS = 1.0  # W: pseudo-acceptances behind the depth and overall factors
-    COPY_PRIOR = (0.5, 1.0)  # (rate, pseudo-nodes) of a copied position never seen
+    COPY_PRIOR = (0.5, 1.0)  # (rate, pseudo-nodes) of a copy's first position never seen
+    COPY_CARRY = 0.9  # a later position's prior: this share of the position before it
 
     def __init__(self, depths: int = 64, copy_length: int = 64, decay: float = 0.998):
         self.seen = np.zeros((depths + 1, len(self.EDGES) + 1))
@@ -172,6 +173,7 @@ class Acceptance:
         self.copy_seen = np.zeros(copy_length + 1)
         self.copy_accepted = np.zeros(copy_length + 1)
         self.decay = decay
+        self._copy_table: np.ndarray | None = None  # copy_prob's, from the tables as they are
 
     def _cells(self, logp: np.ndarray, depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.minimum(depths, len(self.seen) - 1), np.searchsorted(self.EDGES, logp)
@@ -189,18 +191,28 @@ class Acceptance:
 
     def copy_prob(self, positions: np.ndarray) -> np.ndarray:
         """P(the copy is accepted up to and including ``positions``): each position's observed rate, shrunk
-        towards ``COPY_PRIOR``, and never above an earlier position's (a copied token is accepted only after
-        all those before it: a deep position rarely verified must not keep the prior's hopes)."""
-        rate, weight = self.COPY_PRIOR
-        rates = (self.copy_accepted + weight * rate) / (self.copy_seen + weight)
-        rates[1:] = np.minimum.accumulate(rates[1:])  # (positions count from 1)
-        return rates[np.minimum(positions, len(self.copy_seen) - 1)]
+        towards a prior, and never above the position before it (a copied token is accepted only after all
+        those before it). The first position's prior is ``COPY_PRIOR``; each later one's is ``COPY_CARRY`` of
+        the position before it, so a copy that keeps matching is believed to go on, while deep positions that
+        copies which fail early seldom reach cannot keep a prior's hopes of their own:
+
+            q_1 = (accepted_1 + w·r) / (seen_1 + w),   q_j = min(q_{j-1}, (accepted_j + w·c·q_{j-1}) / (seen_j + w))
+        """
+        if self._copy_table is None:
+            rate, weight = self.COPY_PRIOR
+            q, last, prior = np.zeros(len(self.copy_seen)), 1.0, rate
+            for j in range(1, len(q)):  # (positions count from 1)
+                q[j] = last = min(last, (self.copy_accepted[j] + weight * prior) / (self.copy_seen[j] + weight))
+                prior = self.COPY_CARRY * last
+            self._copy_table = q  # (until the next observation)
+        return self._copy_table[np.minimum(positions, len(self.copy_seen) - 1)]
 
     def observe(self, logp: np.ndarray, depths: np.ndarray, accepted: np.ndarray,
                 copy_positions: np.ndarray = np.zeros(0, np.int64), copy_accepted: np.ndarray = np.zeros(0, bool)):
         """One round: the verified drafted nodes (root excluded) and the new copied ones, each accepted or not."""
         for table in (self.seen, self.accepted, self.mass, self.copy_seen, self.copy_accepted):
             table *= self.decay
+        self._copy_table = None
         logp = np.asarray(logp, dtype=np.float64)
         d, b = self._cells(logp, np.asarray(depths))
         np.add.at(self.seen, (d, b), 1.0)
