@@ -101,16 +101,10 @@ def share(obj=None):
 
     group = world()
     if group.rank() == 0:
-        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
-        with watched("a shared request"):
-            mx.distributed.all_sum(mx.array(len(data)), stream=mx.cpu).item()
-        buf = data
+        buf = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        meet(len(buf), "a shared request")
     else:
-        while True:
-            with watched("rank 0's next request"):
-                size = int(mx.distributed.all_sum(mx.array(0), stream=mx.cpu).item())
-            if size:  # never 0 for a request: a pickle is never empty
-                break
+        while not (size := meet(0, "rank 0's next request")):  # never 0 for a request: a pickle is never empty
             time.sleep(IDLE_TICK)
         buf = np.zeros(size, np.uint8)
     with watched("a shared request"):
@@ -120,8 +114,13 @@ def share(obj=None):
 
 def tick() -> None:
     """Rank 0, with nothing to share yet: meet the ranks waiting in ``share`` (call it every ``IDLE_TICK``)."""
-    with watched("an idle meeting"):
-        mx.distributed.all_sum(mx.array(0), stream=mx.cpu).item()
+    meet(0, "an idle meeting")
+
+
+def meet(value: int, what: str) -> int:
+    """The sum of every rank's ``value`` (rank 0 says how much it shares, the others 0), watched as ``what``."""
+    with watched(what):
+        return int(mx.distributed.all_sum(mx.array(value), stream=mx.cpu).item())
 
 
 def largest(values: list[int]) -> list[int]:
