@@ -194,3 +194,17 @@ def test_a_draft_is_started_only_for_a_round_that_runs(tokenizer, max_tokens):
     prompt = random_prompts(1, seed=4)[0]
     responses = list(stream_generate(target, tokenizer, prompt, max_tokens, drafter=counting))
     assert len(started) == responses[-1].round
+
+
+def test_a_sub_vocabulary_is_refused_where_the_head_is_split_by_vocabulary(tokenizer):
+    """A tensor-parallel Qwen3.5 keeps a slice of its head's rows on each rank: gathering the sub-vocabulary's
+    rows by token id there would read past the slice (or the wrong rows). One clear error instead."""
+    from treeflash_mlx.drafting import make_drafting
+    from treeflash_mlx.target import Target
+
+    target = tiny_target("qwen3_5", seed=3)
+    drafter = tiny_drafter(target, sub_vocab=[3, 1, 4, 200])
+    head = Target(target).head_module()
+    head.weight = head.weight[: Target(target).vocab_size // 2]  # this rank's half, as the sharded model holds it
+    with pytest.raises(ValueError, match="holds 128 of its 256 token rows .* use a drafter that scores the whole"):
+        make_drafting(drafter, Target(target))

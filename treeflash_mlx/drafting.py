@@ -95,6 +95,10 @@ def make_head(drafter: Drafter, target: Target) -> DraftHead:
         return DraftHead(target, target.lm_head_weight())
     ids = drafter.sub_vocab
     head = target.head_module()
+    if head.weight.shape[0] < target.vocab_size:  # a tensor-parallel Qwen3.5 splits its head by vocabulary
+        raise ValueError(f"the target's output head holds {head.weight.shape[0]} of its {target.vocab_size} token "
+                         "rows on this process (split over the ranks by vocabulary), so a drafter's sub-vocabulary "
+                         "cannot be gathered from it; use a drafter that scores the whole vocabulary")
     if "scales" in head:
         biases = head["biases"][ids] if "biases" in head else None
         weight = mx.dequantize(head.weight[ids], head.scales[ids], biases, group_size=head.group_size,
