@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +57,9 @@ def test_chat_greedy_text_equals_the_generate_command(server, capsys):
     assert got.usage.total_tokens == got.usage.prompt_tokens + 40
     assert got.model_extra["treeflash"]["mode"] == "treeflash"
     assert got.model_extra["treeflash"]["mean_acceptance_length"] > 1
+    auto = got.model_extra["treeflash"]["tree_size_auto"]  # the default --tree-size auto: what it chose
+    assert sum(auto["tree_sizes"].values()) == auto["rounds"] == got.model_extra["treeflash"]["rounds"]
+    assert 0 <= auto["plain_step_fraction"] <= 1
 
     chunks = list(chat(server, PROMPTS[0], max_tokens=40, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -237,3 +241,29 @@ def test_bad_flags_are_one_line_errors():
         out = subprocess.run([sys.executable, "-m", "treeflash_mlx.server", "--port", "0", *flags],
                              capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 1 and "Traceback" not in out.stderr and message in out.stderr, out.stderr
+
+
+def test_a_sharded_server_whose_ranks_are_lost_stops_with_one_line(monkeypatch, capsys):
+    """Rank 0 of a sharded server meets the other ranks while idle; when they are gone (the meeting fails), no
+    request can be served any more: the server stops, prints one error line and exits with status 1 instead of
+    answering on as if nothing happened."""
+    from treeflash_mlx import distributed
+    from treeflash_mlx.server import app
+    from treeflash_mlx.server.engine import Engine
+
+    real_start = Engine.start
+    monkeypatch.setattr(Engine, "start", lambda self: (setattr(self, "sharded", True), real_start(self))[1])
+
+    def lost():
+        raise distributed.RankLost("rank 0 lost the other ranks (an idle meeting: closed); a rank died")
+
+    monkeypatch.setattr(distributed, "tick", lost)
+    monkeypatch.setattr(distributed, "share", lambda obj=None: None)  # (the stop's farewell to the lost ranks)
+    # The worker stops the main thread as a Ctrl-C would: with Python's own handler, whatever earlier tests left
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert app.main(["--port", "0"]) == 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 0 lost the other ranks (an idle meeting: closed); a rank died"]

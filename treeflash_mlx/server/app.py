@@ -187,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
                     reply.on_round(payload)
                 elif kind == "stop":
                     reply.stop_string = payload
+                elif kind == "auto":
+                    reply.auto = payload
                 elif kind == "error":
                     if reply.started:
                         reply.fail(payload)

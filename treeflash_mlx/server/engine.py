@@ -91,7 +91,8 @@ class Job:
 
     The worker answers ("prompt", tokens), then ("token", (response, logprobs entry)) per token, ("round",
     description) after each verified round when ``trees`` is set, ("stop", string) when a stop string ended
-    the text, ("error", exception) on failure, and always ("done", None) last. ``count_only``: tokenize only."""
+    the text, ("auto", report) with ``--tree-size auto`` (``Tuner.report``: the budgets chosen and the plain
+    steps), ("error", exception) on failure, and always ("done", None) last. ``count_only``: tokenize only."""
 
     build_prompt: Callable[[], list[int]]  # tokenizes on the worker thread, the only one using the tokenizer
     max_tokens: int
@@ -260,6 +261,8 @@ class Engine:
                     accepted = []
             if r.finish_reason == "stop" and job.stop and r.token not in self.tokenizer.eos_token_ids:
                 job.out.put(("stop", self._stop_string(generated, job.stop)))
+        if (tuner := getattr(drafting, "tuner", None)) is not None:
+            job.out.put(("auto", tuner.report()))
 
     def _responses(self, order: dict, drafting: Drafting):
         """One generation's responses, its prompt cache taken from and returned to the kept ones (the same on

@@ -49,6 +49,7 @@ class Reply:
         self.stop_string: str | None = None
         self.parser: OutputParser | None = None
         self.started = False  # a stream's headers are out: errors can no longer be a status code
+        self.auto: dict | None = None  # --tree-size auto: the budgets chosen and the plain steps (Tuner.report)
 
     # -- the worker's results
 
@@ -98,11 +99,13 @@ class Reply:
             "prefilled_tokens": len(self.prompt) - self.cached,
             "prompt_tps": round(last.prompt_tps, 1) if last else None,
             "generation_tps": round(last.generation_tps, 1) if last else None,
+            **({"tree_size_auto": self.auto} if self.auto else {}),
         }
 
     def log_info(self) -> str:
+        auto = f" plain_steps={self.auto['plain_step_fraction']:.0%}" if self.auto else ""
         return (f"prompt={len(self.prompt)} cached={self.cached} completion={self.tokens} "
-                f"tau={self.stats()['mean_acceptance_length']}")
+                f"tau={self.stats()['mean_acceptance_length']}{auto}")
 
 
 def sse(payload: dict, event: str | None = None) -> bytes:
