@@ -12,7 +12,8 @@ from treeflash_mlx import load, stream_generate
 from treeflash_mlx.loading import DEMO
 
 ROOT = Path(__file__).parents[1]
-STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tokens/s, acceptance ([\d.]+), prompt (\d+) tokens of which (\d+) cached\]")
+STATS = re.compile(r"\[(\d+) tokens, [\d.]+ tokens/s, acceptance ([\d.]+), prompt (\d+) tokens of which (\d+) cached"
+                   r", plain steps \d+%\]")  # (the share of plain steps --tree-size auto, the default, took)
 
 
 def chat(stdin: str, *flags: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
 Answers stream as they are committed; the conversation's prompt cache is kept between turns, so each turn
 prefills only what is new. After each answer a line gives tokens/s, the mean acceptance length and how many
-prompt tokens came from the cache. ``q`` quits, ``r`` resets the conversation, ``h`` shows the help.
+prompt tokens came from the cache (and, with ``--tree-size auto``, the share of plain steps). ``q`` quits, ``r`` resets the conversation, ``h`` shows the help.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from . import quantized_kv
 from ._cli import add_drafting_arguments, drafting_settings, run_cli
-from .drafting import default_mode
+from .drafting import default_mode, make_drafting
 from .loading import demo_paths, load
 from .prompt_cache import make_prompt_cache
 from .speculative import stream_generate
+from .target import Target
 
 HELP = "Type a message and press Enter. Commands: 'q' quits, 'r' resets the conversation, 'h' shows this help."
 
@@ -73,7 +74,9 @@ def run(args: argparse.Namespace) -> None:
     mode = args.mode or default_mode(drafter)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    settings = dict(mode=mode, **drafting_settings(args), **quantized_kv.check_arguments(args))
+    settings = dict(mode=mode, **drafting_settings(args))
+    make_drafting(drafter, Target(model), **settings)  # the settings checked before the first turn
+    kv = quantized_kv.check_arguments(args)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     processors = make_logits_processors(None, args.repetition_penalty)
     start = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
@@ -97,8 +100,9 @@ def run(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": text})
         answer, rounds, last = "", {}, None
-        for r in stream_generate(model, tokenizer, encode(tokenizer, messages), args.max_tokens, drafter=drafter,
-                                 sampler=sampler, logits_processors=processors, prompt_cache=cache, **settings):
+        drafting = make_drafting(drafter, Target(model), **settings)
+        for r in stream_generate(model, tokenizer, encode(tokenizer, messages), args.max_tokens, drafter=drafting,
+                                 sampler=sampler, logits_processors=processors, prompt_cache=cache, **kv):
             print(r.text, end="", flush=True)
             answer += r.text
             rounds[r.round] = r.acceptance_length
@@ -106,8 +110,10 @@ def run(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": answer})
         taus = [v for k, v in rounds.items() if k > 0]
         tau = f"{sum(taus) / len(taus):.2f}" if taus else "-"
+        tuner = getattr(drafting, "tuner", None)  # --tree-size auto
+        plain = f", plain steps {tuner.report()['plain_step_fraction']:.0%}" if tuner else ""
         print(f"\n[{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s, acceptance {tau}, "
-              f"prompt {last.prompt_tokens} tokens of which {last.cached_tokens} cached]", flush=True)
+              f"prompt {last.prompt_tokens} tokens of which {last.cached_tokens} cached{plain}]", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
