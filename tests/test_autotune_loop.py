@@ -196,18 +196,39 @@ def test_costs_learnt_with_another_blas_are_kept_apart(tmp_path, monkeypatch):
     assert len(keys) == 2 and any("reference BLAS" in k for k in keys)
 
 
-def test_a_rounds_cost_is_all_it_makes_the_loop_do_not_its_verification_alone(tokenizer):
-    """Rounds are timed from the end of the last one, as plain steps are: the host work of a tree round (and
-    the caller's handling of its tokens) is part of its cost. Timed by verification alone, a tree round on a
-    small target looked as cheap as a plain step while costing twice one."""
+def test_a_tree_rounds_host_work_is_part_of_its_cost(tokenizer):
+    """A tree round is priced at its drafting, its verification and its host work (H): the time since the last
+    round ended that neither took (the lookup, the search and plan, the commit, the caller's handling of the last
+    round's tokens, here 20 ms a token). Priced by its verification alone, a tree round on a small target looked
+    as cheap as a plain step while it cost two."""
     import time
 
     target = tiny_target("qwen3", seed=5)
     prompt = random_prompts(1, seed=12)[0]
     reference = mlx_lm_greedy(target, prompt, 60)
     drafting = Rigged(target, tiny_drafter(target), prompt + reference, right=True)
+    knowledge = drafting.tuner.knowledge
+    for n in (1, 4, 16, 64):  # costs known (as from the cache file): every round is a choice, none a probe
+        knowledge.costs.add(n, len(prompt), 0.001 * n ** 0.5)
+    drafting.tuner = autotune.Tuner(knowledge, 64)
     for r in stream_generate(target, tokenizer, prompt, 60, drafter=drafting):
-        time.sleep(0.02)  # the caller's handling of each token: 20 ms, far beyond the tiny target's verification
-    costs = drafting.tuner.knowledge.costs
-    trees = [n for n in costs.sizes if n > 1 and costs.count(n)]
-    assert trees and all(s >= 0.02 for n, _, s in costs.observations if n > 1)
+        time.sleep(0.02)  # the caller's handling of each token: far beyond the tiny target's verification
+    assert knowledge.host_seconds >= 0.02
+    assert knowledge.drafted[1] >= knowledge.host_seconds, "the drafted rounds' plans paid it"
+
+
+def test_the_root_alone_is_priced_by_plain_steps_not_by_tree_rounds_that_kept_only_it(tokenizer, monkeypatch):
+    """A drafted round whose plan keeps the root alone still pays for a tree round's work (here 50 ms more on
+    every tree verification); a plain step does not. Size 1's cost is the plain steps'."""
+    import time
+
+    real_verify = Target.verify
+    monkeypatch.setattr(Target, "verify", lambda *a, **k: time.sleep(0.05) or real_verify(*a, **k))
+    target = tiny_target("qwen3", seed=5)
+    prompt = random_prompts(1, seed=12)[0]
+    reference = mlx_lm_greedy(target, prompt, 60)
+    drafting = Rigged(target, tiny_drafter(target), prompt + reference, right=False)
+    assert [r.token for r in stream_generate(target, tokenizer, prompt, 60, drafter=drafting)] == reference
+    report, costs = drafting.tuner.report(), drafting.tuner.knowledge.costs
+    assert report["tree_sizes"][1] > report["rounds"] * report["plain_step_fraction"], "tree rounds kept the root"
+    assert costs.predict([1], len(prompt) + 30)[0] < 0.012

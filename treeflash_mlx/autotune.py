@@ -2,11 +2,13 @@
 
 Plain numpy, no MLX: the loop hands in seconds, scores and accepted paths, and gets back a budget.
 
-    rate(n, k) = E[τ(n, k)] / (D + V(n, ctx))
+    rate(n, k) = E[τ(n, k)] / (D + V(n, ctx) + H)
 
 - ``V(n, ctx)``  seconds to verify n nodes (root included) after ctx tokens of context: ``CostModel``, fitted to
   the rounds' own timings (n = 1 is one plain decoding step);
 - ``D``          seconds of drafting a round, also timed (a plain step drafts nothing: D = 0);
+- ``H``          a tree round's host work besides drafting and verifying (the lookup, search and plan, the
+  commit, the caller's handling of its tokens), timed too; a plain step's is inside V(1);
 - ``E[τ(n, k)]`` expected tokens committed by verifying the first n - k nodes of the best-first tree plus k
   nodes copied from the context: one (the bonus token) plus the sum, over the kept nodes, of the probability
   that the node is on the accepted path (a sum of indicators: at most one node per depth is accepted, and the
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # budgets (root included) a round may choose
-PROBES = (1, 4, 16, 64)  # verified once each early on, where no cost is known yet
+PROBES = (4, 16, 64)  # verified once each early on, where no cost is known yet (the root alone: a plain step)
 # While drafting loses, a drafted round now and then looks whether it pays again. The gap between two looks
 # doubles up to a cap: at least MIN_LOOK_GAP rounds, more where a look costs many rounds without drafting (a tiny
 # target, a slow drafter), so that the looks take at most LOOK_SHARE of the time; never more than MAX_BACKOFF.
@@ -251,12 +253,15 @@ class Plan:
 
 
 def plan(tree_gains: np.ndarray, copy_gains: np.ndarray, costs: CostModel, ctx: int, draft_seconds: float,
-         candidates=CANDIDATES) -> Plan:
-    """The candidate budget with the most expected tokens per second; size 1 (the root alone) is always one."""
+         candidates=CANDIDATES, host_seconds: float = 0.0) -> Plan:
+    """The candidate budget with the most expected tokens per second; size 1 (the root alone) is always one.
+    ``host_seconds`` (H) is paid by every tree round: all but the root alone of a round that drafted nothing,
+    which is a plain step."""
     cum, copied = merged_gains(np.asarray(tree_gains, float), np.asarray(copy_gains, float))
     sizes = np.array([n for n in candidates if n - 1 <= len(cum)])
     expected = 1.0 + np.concatenate([[0.0], cum])[sizes - 1]
-    seconds = draft_seconds + costs.predict(sizes, ctx)
+    host = np.where((sizes > 1) | (draft_seconds > 0), host_seconds, 0.0)
+    seconds = draft_seconds + costs.predict(sizes, ctx) + host
     best = int(np.argmax(expected / seconds))
     n = int(sizes[best])
     return Plan(n, int(copied[n - 2]) if n > 1 else 0, float(expected[best]), float(seconds[best]))
@@ -269,6 +274,7 @@ class Knowledge:
     costs: CostModel = field(default_factory=CostModel)
     acceptance: Acceptance = field(default_factory=Acceptance)
     drafts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last drafting times, seconds
+    hosts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last tree rounds' host work, seconds
     drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
     backoff: int = 1  # plain steps between two drafted rounds while drafting loses (``Tuner.wants_draft``)
@@ -276,6 +282,15 @@ class Knowledge:
     def add_draft(self, seconds: float) -> None:
         if np.isfinite(seconds) and seconds >= 0:
             self.drafts.append(seconds)
+
+    def add_host(self, seconds: float) -> None:
+        if np.isfinite(seconds):
+            self.hosts.append(max(seconds, 0.0))
+
+    @property
+    def host_seconds(self) -> float:
+        """A tree round's host work (H): the median of the last ones, 0 before any."""
+        return float(np.median(self.hosts)) if self.hosts else 0.0
 
     @property
     def draft_seconds(self) -> float | None:
@@ -297,8 +312,12 @@ class Tuner:
     Per round the loop calls ``wants_draft(ctx)`` (False: no drafting at all), then ``choose(...)`` with the full
     draft's scores (if drafted) and the copy from the context (if any), and finally ``observe(...)`` with the
     timings and the path.
-    The first drafted round warms up (kernels, caches) and is not timed; the next ones verify each of
-    ``PROBES`` once where its cost is not known; then every round takes ``plan``'s choice."""
+    The first drafted round warms up (kernels, caches) and is not timed; then, where the root alone has no
+    cost yet, one round is a plain step, and the next ones verify each of ``PROBES`` once where its cost is not
+    known; then every round takes ``plan``'s choice.
+
+    Size 1 is priced by plain steps only: a drafted round (or a copy alone) whose plan keeps the root alone
+    still pays for a tree round's host work, which a plain step does not, so its time teaches no cost."""
 
     SAVE_EVERY = 128  # rounds between two writes of the cache file (after a first one once the probes are done)
 
@@ -352,10 +371,14 @@ class Tuner:
         whether the text has changed."""
         k = self.knowledge
         self.alone = None
-        if not self.warm or self.probes or k.drafted_rate is None or not k.costs.count(1):
+        if self.timed and not k.costs.count(1):  # the root alone has no cost yet: a plain step times it
+            self.alone = Plan(1, 0, 1.0, float("nan"))
+            return False
+        if not self.warm or self.probes or k.drafted_rate is None:
             return True
         if len(copy_positions):
-            alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0, self.candidates)
+            alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0, self.candidates,
+                         k.host_seconds)
         else:  # the root alone (the common case, every plain step of a run: no more host work than needed)
             alone = Plan(1, 0, 1.0, float(k.costs.predict([1], ctx)[0]))
         self.alone = alone
@@ -392,17 +415,18 @@ class Tuner:
             return Plan(min(16, self.max_size) if len(tree_logp) else 1, 0, float("nan"), float("nan"))
         tree_gains = k.acceptance.prob(tree_logp, tree_depths)
         copy_gains = k.acceptance.copy_prob(copy_positions)
-        chosen = plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds, self.candidates)
+        chosen = plan(tree_gains, copy_gains, k.costs, ctx, draft_seconds, self.candidates, k.host_seconds)
         if len(tree_logp):
             self.capped = chosen.size - chosen.copied >= len(tree_logp) + 1
         self._planned = chosen.seconds
         return chosen
 
     def observe(self, size: int, drafted: bool, tokens: int, ctx: int, draft_seconds: float, verify_seconds: float,
-                accepted: tuple | None = None) -> None:
+                accepted: tuple | None = None, host_seconds: float = float("nan")) -> None:
         """A verified round: ``size`` nodes, ``tokens`` committed, its timings (``draft_seconds`` 0 for a plain
-        step) and, drafted, ``accepted`` = (logp, depths, accepted) of its drafted nodes and (positions,
-        accepted) of its copied ones, for ``Acceptance.observe``."""
+        step; ``host_seconds`` a tree round's host work, NaN for a plain step or where not timed) and, for a tree
+        round, ``accepted`` = (logp, depths, accepted) of its drafted nodes and (positions, accepted) of its
+        copied ones, for ``Acceptance.observe``."""
         k = self.knowledge
         self.chosen[size] += 1
         if not drafted:
@@ -413,6 +437,7 @@ class Tuner:
             self.warm = self.timed = True
             return
         k.costs.add(size, ctx, verify_seconds)
+        k.add_host(host_seconds)
         if drafted:
             k.add_draft(draft_seconds)
             if np.isfinite(self._planned):  # a choice (not the warm-up or a probe)

@@ -397,7 +397,7 @@ class AutoDrafting(DrafterDrafting):
         self._defer = False  # the round just verified did not draft: its context features can wait
         self._decided: bool | None = None  # the next round's draft-or-not, decided early by ``plain_ahead``
         self._deferred: tuple[list, list[mx.array]] | None = None  # (drafter cache, features waiting for it)
-        self._last_end: float | None = None  # when the last round of this generation ended (``_round_seconds``)
+        self._last_end: float | None = None  # when the last round of this generation ended (``observe``)
         self._flushed = 0.0  # seconds this round spent appending what plain steps deferred: their cost, not its
 
     DEFER_LIMIT = 256  # positions whose features may wait; then they are appended anyway (bounded memory)
@@ -469,19 +469,9 @@ class AutoDrafting(DrafterDrafting):
 
     def observe_plain(self, context: int, seconds: float) -> None:
         self._defer = True  # its context features wait for the next drafted round (``append_context``)
-        self.tuner.observe(1, False, 1, context, 0.0, self._round_seconds(seconds))
+        self.tuner.observe(1, False, 1, context, 0.0, seconds)
+        self._last_end = time.perf_counter()
         self._save()
-
-    def _round_seconds(self, measured: float) -> float:
-        """A round's cost: the time since the last round ended (everything the round made the loop do: its host
-        work, its verification, the caller's handling of its tokens, as plain steps are timed), less what
-        plain steps deferred to it; ``measured`` (its verification alone) for a generation's first round. Timing
-        verification alone would price a tree round's host work at nothing, which on a small target is as
-        much as a plain step, and rounds that cannot pay would look as if they did."""
-        now = time.perf_counter()
-        seconds = measured if self._last_end is None else max(now - self._last_end - self._flushed, measured)
-        self._last_end, self._flushed = now, 0.0
-        return seconds
 
     def _save(self) -> None:
         """Write what was learnt to the cache file, when it is due (``Tuner.wants_saving``)."""
@@ -509,8 +499,16 @@ class AutoDrafting(DrafterDrafting):
 
     def observe(self, tree: DraftTree, path: list[int]) -> None:
         context, draft_seconds, scored, tic = self._round
-        drafting = draft_seconds or 0.0
-        verify_seconds = self._round_seconds(drafting + time.perf_counter() - tic) - drafting
+        now = time.perf_counter()
+        verify_seconds = now - tic
+        # The round's host work: all the time since the last round ended (the caller's handling of that round's
+        # tokens, this round's lookup, search and plan, its commit) but its drafting, its verification and the
+        # context that plain steps left for its drafter (their cost, not its)
+        host = float("nan") if self._last_end is None else \
+            now - self._last_end - (draft_seconds or 0.0) - verify_seconds - self._flushed
+        self._last_end, self._flushed = now, 0.0
+        if len(tree) == 1:  # the root alone after a tree round's work: not what a plain step costs
+            verify_seconds = float("nan")  # (``Tuner``: size 1 is priced by plain steps only)
         accepted = None
         if len(tree) - tree.copied == len(scored[0]) + 1:  # (not cut by a K/V quantization switch)
             on_path = np.zeros(len(tree), dtype=bool)
@@ -518,7 +516,8 @@ class AutoDrafting(DrafterDrafting):
             kept = len(tree) - tree.copied
             accepted = (*scored, on_path[1:kept], tree.depths[kept:], on_path[kept:])
         drafted = draft_seconds is not None
-        self.tuner.observe(len(tree), drafted, len(path), context, draft_seconds or 0.0, verify_seconds, accepted)
+        self.tuner.observe(len(tree), drafted, len(path), context, draft_seconds or 0.0, verify_seconds, accepted,
+                           host)
         self._save()
 
     def check_budget(self, context: int) -> None:
