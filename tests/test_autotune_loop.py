@@ -214,7 +214,11 @@ def test_a_tree_rounds_host_work_is_part_of_its_cost(tokenizer):
     for r in stream_generate(target, tokenizer, prompt, 60, drafter=drafting):
         time.sleep(0.02)  # the caller's handling of each token: far beyond the tiny target's verification
     assert knowledge.host_seconds >= 0.02
-    assert knowledge.drafted[1] >= knowledge.host_seconds, "the drafted rounds' plans paid it"
+    plan = drafting.tuner.choose(np.full(15, -0.1), np.arange(1, 16), np.arange(1, 4), len(prompt) + 60, 0.001)
+    assert plan.seconds >= knowledge.host_seconds + 0.001, "a drafted round's plan pays it"
+    alone = autotune.plan(np.zeros(0), np.full(3, 0.9), knowledge.costs, len(prompt) + 60, 0.0,
+                          host_seconds=knowledge.host_seconds)
+    assert alone.size == 1 or alone.seconds >= knowledge.host_seconds, "and a copy alone's too"
 
 
 def test_the_root_alone_is_priced_by_plain_steps_not_by_tree_rounds_that_kept_only_it(tokenizer, monkeypatch):
