@@ -46,8 +46,13 @@ def test_costs_at_one_context_are_the_sizes_means_and_unmeasured_sizes_are_inter
     assert costs.predict([1, 4, 16], 500) == pytest.approx([0.011, 0.0165, 0.022], rel=1e-3)
     assert costs.predict([8], 500)[0] == pytest.approx(0.0165 + 4 / 12 * 0.0055, rel=1e-3)
     assert costs.predict([32], 500)[0] >= 0.022
-    # Below the smallest tree measured: that tree's cost, not a share of a plain step's.
+    # Below the smallest tree measured: that tree's cost, not a share of a plain step's; above it, as measured
+    # (a larger tree cheaper than the smallest one, as BLAS kernels make 16 rows cheaper than 4 here, stays so)
     assert costs.predict([2, 3], 500) == pytest.approx([0.0165, 0.0165], rel=1e-3)
+    bumpy = CostModel()
+    for n, s in ((1, 0.010), (4, 0.014), (16, 0.0125)) * 3:
+        bumpy.add(n, 500, s)
+    assert bumpy.predict([2, 4, 16], 500) == pytest.approx([0.014, 0.014, 0.0125], rel=1e-3)
 
 
 def test_costs_follow_a_machine_that_gets_slower():

@@ -134,7 +134,7 @@ class CostModel:
         else:
             base = np.interp(n, sizes, c)
             if sizes[0] == 1:  # below the smallest tree measured: what it costs (a tree round's host work, and a
-                base = np.where(n > 1, np.maximum(base, c[1]), base)  # product of a few rows, cost about as much)
+                base = np.where((n > 1) & (n < sizes[1]), c[1], base)  # product of a few rows, cost about as much)
             above = n > sizes[-1]  # beyond the largest: the last measured slope per node
             slope = max((c[-1] - c[-2]) / (sizes[-1] - sizes[-2]), 0.0)
             base = np.where(above, c[-1] + slope * (n - sizes[-1]), base)

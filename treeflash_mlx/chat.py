@@ -1,8 +1,9 @@
 """A terminal chat: ``python -m treeflash_mlx.chat --model M --drafter D`` (no model: the bundled demo pair).
 
 Answers stream as they are committed; the conversation's prompt cache is kept between turns, so each turn
-prefills only what is new. After each answer a line gives tokens/s, the mean acceptance length and how many
-prompt tokens came from the cache (and, with ``--tree-size auto``, the share of plain steps). ``q`` quits, ``r`` resets the conversation, ``h`` shows the help.
+prefills only what is new. After each answer a line gives tokens/s, the mean acceptance length, how many
+prompt tokens came from the cache and, with ``--tree-size auto``, the share of plain steps. ``q`` quits, ``r``
+resets the conversation, ``h`` shows the help.
 """
 
 from __future__ import annotations
