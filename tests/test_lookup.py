@@ -7,7 +7,7 @@ import pytest
 from mlx_lm import stream_generate as mlx_lm_stream_generate
 
 from treeflash_mlx.drafting import make_drafting
-from treeflash_mlx.lookup import continuation
+from treeflash_mlx.lookup import Lookup, continuation
 from treeflash_mlx.replay import accepted_depth
 from treeflash_mlx.speculative import RoundStats, stream_generate
 from treeflash_mlx.target import Target
@@ -61,6 +61,21 @@ def test_agrees_with_a_brute_force_search():
         h = rng.integers(0, 4, rng.integers(1, 40))
         for min_match in (1, 2, 3):
             assert continuation(h, 5, min_match).tolist() == brute_force_continuation(h, 5, min_match)
+
+
+def test_the_incremental_lookup_answers_as_the_full_scan_while_a_history_grows_or_is_replaced():
+    rng = np.random.default_rng(2)
+    for min_match in (1, 2, 3, 9):
+        lookup = Lookup(5, min_match)
+        for _ in range(20):
+            history = [int(t) for t in rng.integers(0, 4, rng.integers(0, 5))]  # a new generation: another list
+            for _ in range(40):
+                assert lookup(history).tolist() == continuation(np.array(history, np.int64), 5, min_match).tolist()
+                history.extend(int(t) for t in rng.integers(0, 4, rng.integers(1, 3)))  # a round's tokens
+            history[-3:] = [7, 7, 7]  # the same list changed in place: indexed afresh, not trusted
+            assert lookup(history).tolist() == continuation(np.array(history, np.int64), 5, min_match).tolist()
+            del history[-10:]  # and cut
+            assert lookup(history).tolist() == continuation(np.array(history, np.int64), 5, min_match).tolist()
 
 
 def valid(tree: DraftTree) -> bool:

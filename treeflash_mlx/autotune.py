@@ -6,7 +6,8 @@ Plain numpy, no MLX: the loop hands in seconds, scores and accepted paths, and g
 
 - ``V(n, ctx)``  seconds to verify n nodes (root included) after ctx tokens of context: ``CostModel``, fitted to
   the rounds' own timings (n = 1 is one plain decoding step);
-- ``D``          seconds of drafting a round, also timed (a plain step drafts nothing: D = 0);
+- ``D(s)``       seconds of drafting a round for trees of up to s nodes (the head rows it computes grow with s),
+                also timed (a plain step drafts nothing: D = 0);
 - ``H``          a tree round's host work besides drafting and verifying (the lookup, search and plan, the
   commit, the caller's handling of its tokens), timed too; a plain step's is inside V(1);
 - ``E[τ(n, k)]`` expected tokens committed by verifying the first n - k nodes of the best-first tree plus k
@@ -23,8 +24,10 @@ only: output is unchanged.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections import Counter, OrderedDict, deque
@@ -65,24 +68,30 @@ class CostModel:
         self.decay = decay
         self._fit: tuple[np.ndarray, np.ndarray, float, float] | None = None
         self._unfitted = 0  # observations added since the last fit
+        self._measured: tuple[tuple, dict[int, float]] | None = None  # (the fit, its c_n by size): ``cost``'s
 
     OUTLIER = 2.0  # a time beyond this multiple of the prediction counts as that multiple (a stall, not a cost)
-    REFIT = 8  # observations between two fits once a size has a few: a fit per round would cost more host time
-    # than a plain step of a small target leaves free
+    REFIT = 8  # observations between two fits once a size has a few, or an eighth of those kept if more: a fit
+    # per round would cost more host time than a plain step of a small target leaves free
 
     def add(self, n: int, ctx: int, seconds: float) -> None:
-        if not (np.isfinite(seconds) and seconds > 0):
+        if not (math.isfinite(seconds) and seconds > 0):
             return
         if self.count(n) >= 3:
-            seconds = min(seconds, self.OUTLIER * float(self.predict([n], ctx)[0]))
+            seconds = min(seconds, self.OUTLIER * self.cost(n, ctx))
         self.by_size.setdefault(int(n), deque(maxlen=self.per_size)).append((self.added, float(ctx), float(seconds)))
         self.added += 1
         self._unfitted += 1
-        if self.count(n) <= 3 or self._unfitted >= self.REFIT:
+        if self.count(n) <= 3 or self._unfitted >= max(self.REFIT, self.added_kept // 8):
             self._fit = None
 
     def count(self, n: int) -> int:
         return len(self.by_size.get(n, ()))
+
+    @property
+    def added_kept(self) -> int:
+        """Observations kept, all sizes."""
+        return sum(len(q) for q in self.by_size.values())
 
     @property
     def sizes(self) -> list[int]:
@@ -139,6 +148,17 @@ class CostModel:
             slope = max((c[-1] - c[-2]) / (sizes[-1] - sizes[-2]), 0.0)
             base = np.where(above, c[-1] + slope * (n - sizes[-1]), base)
         return np.maximum(base + (beta + alpha * n) * ctx / self.CTX_UNIT, 1e-9)
+
+    def cost(self, n: int, ctx: float) -> float:
+        """``predict`` for one size, in plain floats where the size was measured: every plain step asks for V(1)
+        and adds its own time, and on a small target numpy's overhead per call is a share of the step."""
+        fit = self.fit()
+        if self._measured is None or self._measured[0] is not fit:
+            self._measured = (fit, dict(zip(fit[0].tolist(), fit[1].tolist())))
+        c = self._measured[1].get(n)
+        if c is None:
+            return float(self.predict([n], ctx)[0])
+        return max(c + (fit[2] + fit[3] * n) * ctx / self.CTX_UNIT, 1e-9)
 
     def state(self, per_size: int = 8) -> list[list[float]]:
         """The latest ``per_size`` observations of each size, oldest first: what a cache file keeps."""
@@ -273,29 +293,35 @@ class Knowledge:
 
     costs: CostModel = field(default_factory=CostModel)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    drafts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last drafting times, seconds
+    drafts: dict = field(default_factory=dict)  # draft size → deque of its last drafting times, seconds
     hosts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last tree rounds' host work, seconds
     drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
     backoff: int = 1  # plain steps between two drafted rounds while drafting loses (``Tuner.wants_draft``)
 
-    def add_draft(self, seconds: float) -> None:
-        if np.isfinite(seconds) and seconds >= 0:
-            self.drafts.append(seconds)
+    def add_draft(self, seconds: float, size: int = max(CANDIDATES)) -> None:
+        """A drafting time of a round drafted for trees of up to ``size`` nodes."""
+        if math.isfinite(seconds) and seconds >= 0:
+            self.drafts.setdefault(int(size), deque(maxlen=31)).append(seconds)
 
     def add_host(self, seconds: float) -> None:
-        if np.isfinite(seconds):
+        if math.isfinite(seconds):
             self.hosts.append(max(seconds, 0.0))
 
     @property
     def host_seconds(self) -> float:
         """A tree round's host work (H): the median of the last ones, 0 before any."""
-        return float(np.median(self.hosts)) if self.hosts else 0.0
+        return statistics.median(self.hosts) if self.hosts else 0.0  # (not numpy's: asked for every plan)
 
-    @property
-    def draft_seconds(self) -> float | None:
-        """A round's drafting time: the median of the last ones (a busy machine's stalls are outliers, not cost)."""
-        return float(np.median(self.drafts)) if self.drafts else None
+    def draft_seconds(self, size: int = max(CANDIDATES)) -> float | None:
+        """D(size): the median of the last drafting times at that size (a busy machine's stalls are outliers, not
+        cost); a size never drafted takes the next larger one drafted (more head rows never cost less), else the
+        largest; None before any."""
+        if not self.drafts:
+            return None
+        known = sorted(self.drafts)
+        near = next((n for n in known if n >= size), known[-1])
+        return statistics.median(self.drafts[near])
 
     def add_drafted(self, tokens: int, seconds: float, ema: float = 0.25) -> None:
         old = self.drafted or (float(tokens), seconds)
@@ -331,9 +357,13 @@ class Tuner:
         self.plain_streak = 0
         self.capped = False  # the last drafted round chose all its draft could give
         self._planned = float("nan")  # the seconds the last plan predicted
+        self._expected = float("nan")  # and the tokens it expected
         self.chosen: Counter[int] = Counter()  # budgets of the verified rounds; 1: the root alone
         self.plain_steps = 0  # rounds that skipped drafting
         self.alone: Plan | None = None  # the best round without drafting, as the last ``wants_draft`` saw it
+        self.drafting = self.max_size  # the draft size of the round under way (``draft_size``)
+        self._alone_key: tuple | None = None  # what the kept plans of a copy alone were made from
+        self._alone_plans: dict[tuple[int, int], Plan] = {}  # (first position, length) → the plan
         self._unsaved = 0
 
     def limit(self, max_size: int) -> None:
@@ -353,13 +383,21 @@ class Tuner:
             return True
         return False
 
+    DRAFT_QUANTILE = 75  # the draft size covers this percentile of the recent rounds' drafted nodes
+
     def draft_size(self) -> int:
-        """The budget to draft (how many head rows the drafter computes, ``drafting.head_rows``, which costs):
-        the largest of the recent choices, one candidate more when the last choice took the whole draft."""
+        """The budget to draft for this round, remembered as ``drafting``: how many head rows the drafter
+        computes (``drafting.head_rows``), which costs (D grows with it). The candidate that covers the drafted
+        nodes (copies apart) of three in four recent choices, one candidate more when the last choice took the
+        whole draft; a one-off large tree does not make the next 16 rounds pay for its rows."""
         if not self.warm or self.probes or not self.knowledge.recent:
-            return self.max_size
-        i = next((i for i, n in enumerate(self.candidates) if n >= max(self.knowledge.recent)), len(self.candidates) - 1)
-        return self.candidates[min(i + self.capped, len(self.candidates) - 1)]
+            self.drafting = self.max_size
+        else:
+            need = np.percentile(self.knowledge.recent, self.DRAFT_QUANTILE)
+            need = max(need, min(PROBES[0], self.max_size))  # (a draft for the root alone would be no draft)
+            i = next((i for i, n in enumerate(self.candidates) if n >= need), len(self.candidates) - 1)
+            self.drafting = self.candidates[min(i + self.capped, len(self.candidates) - 1)]
+        return self.drafting
 
     def wants_draft(self, ctx: int, copy_positions: np.ndarray = np.zeros(0, np.int64)) -> bool:
         """Draft this round, or not (a plain step, or the copy from the context alone, at ``copy_positions``).
@@ -377,10 +415,9 @@ class Tuner:
         if not self.warm or self.probes or k.drafted_rate is None:
             return True
         if len(copy_positions):
-            alone = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0, self.candidates,
-                         k.host_seconds)
+            alone = self._copy_alone(copy_positions, ctx)
         else:  # the root alone (the common case, every plain step of a run: no more host work than needed)
-            alone = Plan(1, 0, 1.0, float(k.costs.predict([1], ctx)[0]))
+            alone = Plan(1, 0, 1.0, k.costs.cost(1, ctx))
         self.alone = alone
         if k.drafted_rate >= alone.expected / alone.seconds:
             self.plain_streak, k.backoff = 0, 1
@@ -390,6 +427,23 @@ class Tuner:
             return True
         self.plain_streak += 1
         return False
+
+    CTX_DRIFT = 64  # context tokens after which a kept plan of a copy alone is made again
+
+    def _copy_alone(self, copy_positions: np.ndarray, ctx: int) -> Plan:
+        """The best plan of the copy alone. Plain steps ask on every token where the text repeats its context,
+        and on a small target a plan costs a share of the step, so plans are kept by the copy's positions until
+        what they depend on changes: the costs' fit, a tree round (the copies' calibration and the host work),
+        or ``CTX_DRIFT`` tokens of context."""
+        k = self.knowledge
+        key = (k.costs.fit(), ctx // self.CTX_DRIFT)
+        if self._alone_key is None or self._alone_key[0] is not key[0] or self._alone_key[1] != key[1]:
+            self._alone_key, self._alone_plans = key, {}
+        where = (int(copy_positions[0]), len(copy_positions))
+        if where not in self._alone_plans:
+            self._alone_plans[where] = plan(np.zeros(0), k.acceptance.copy_prob(copy_positions), k.costs, ctx, 0.0,
+                                            self.candidates, k.host_seconds)
+        return self._alone_plans[where]
 
     def look_gap(self, alone: Plan) -> int:
         """The longest gap between two looks: a look costs a drafted round (the fitted seconds of the drafted
@@ -409,8 +463,8 @@ class Tuner:
         elif self.timed and self.probes:  # (the first round is not timed: no probe there)
             n = self.probes.pop(0)
             return Plan(n, 0, float("nan"), float("nan"))
-        elif k.draft_seconds is not None:
-            draft_seconds = k.draft_seconds  # the median: this round's own time is noisier
+        elif k.draft_seconds(self.drafting) is not None:
+            draft_seconds = k.draft_seconds(self.drafting)  # the median: this round's own time is noisier
         if not self.warm or not k.costs.count(1):
             return Plan(min(16, self.max_size) if len(tree_logp) else 1, 0, float("nan"), float("nan"))
         tree_gains = k.acceptance.prob(tree_logp, tree_depths)
@@ -419,18 +473,21 @@ class Tuner:
         if len(tree_logp):
             self.capped = chosen.size - chosen.copied >= len(tree_logp) + 1
         self._planned = chosen.seconds
+        self._expected = chosen.expected
         return chosen
 
     def observe(self, size: int, drafted: bool, tokens: int, ctx: int, draft_seconds: float, verify_seconds: float,
-                accepted: tuple | None = None, host_seconds: float = float("nan")) -> None:
-        """A verified round: ``size`` nodes, ``tokens`` committed, its timings (``draft_seconds`` 0 for a plain
-        step; ``host_seconds`` a tree round's host work, NaN for a plain step or where not timed) and, for a tree
-        round, ``accepted`` = (logp, depths, accepted) of its drafted nodes and (positions, accepted) of its
+                accepted: tuple | None = None, host_seconds: float = float("nan"), copied: int = 0) -> None:
+        """A verified round: ``size`` nodes (``copied`` of them from the context), ``tokens`` committed, its
+        timings (``draft_seconds`` 0 for a plain step; ``host_seconds`` a tree round's host work, NaN for a plain
+        step or where not timed) and, for a tree round, ``accepted`` = (logp, depths, accepted) of its drafted nodes and (positions, accepted) of its
         copied ones, for ``Acceptance.observe``."""
         k = self.knowledge
         self.chosen[size] += 1
         if not drafted:
             self.plain_steps += 1
+        if accepted is not None or drafted or size > 1:  # (what kept plans of a copy alone depend on)
+            self._alone_key = None
         if accepted is not None:
             k.acceptance.observe(*accepted)
         if not self.timed:  # the first round pays for warming up: not a cost to learn
@@ -439,10 +496,10 @@ class Tuner:
         k.costs.add(size, ctx, verify_seconds)
         k.add_host(host_seconds)
         if drafted:
-            k.add_draft(draft_seconds)
+            k.add_draft(draft_seconds, self.drafting)
             if np.isfinite(self._planned):  # a choice (not the warm-up or a probe)
-                self.knowledge.recent.append(size)
-                k.add_drafted(tokens, self._planned)
+                self.knowledge.recent.append(size - copied)
+                k.add_drafted(self._expected, self._planned)
 
     def summary(self) -> str:
         """One line: the histogram of the budgets chosen and the plain steps."""
@@ -459,7 +516,7 @@ class Tuner:
 
 # --- Knowledge kept across generations: in this process, and in a small cache file -------------------------------
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: drafting times per draft size
 CACHE_ENTRIES = 16  # model pairs × machines remembered; the least recently used goes first
 CACHE_ENV = "TREEFLASH_AUTOTUNE_CACHE"  # the cache file; empty: none
 _PROCESS: OrderedDict[str, Knowledge] = OrderedDict()  # this process's setups, most recent last
@@ -495,7 +552,10 @@ def _valid_entry(entry) -> bool:
         rows = entry["costs"]
         ok = all(len(r) == 3 and 1 <= int(r[0]) <= max(CANDIDATES) and np.isfinite(r[1]) and r[1] >= 0
                  and np.isfinite(r[2]) and r[2] > 0 for r in rows)
-        return ok and float(entry["used"]) >= 0 and (entry.get("draft") is None or float(entry["draft"]) > 0)
+        drafts = entry.get("draft") or []
+        ok = ok and all(len(d) == 2 and 1 <= int(d[0]) <= max(CANDIDATES) and math.isfinite(d[1]) and d[1] > 0
+                        for d in drafts)
+        return ok and float(entry["used"]) >= 0
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -507,7 +567,8 @@ def write_cache(path: Path | None, key: str, knowledge: Knowledge) -> None:
     if path is None or not knowledge.costs.observations:
         return
     entries = read_cache(path)
-    entries[key] = {"costs": knowledge.costs.state(), "draft": knowledge.draft_seconds, "used": time.time()}
+    drafts = [[n, knowledge.draft_seconds(n)] for n in sorted(knowledge.drafts)]
+    entries[key] = {"costs": knowledge.costs.state(), "draft": drafts, "used": time.time()}
     entries = dict(sorted(entries.items(), key=lambda kv: kv[1]["used"])[-CACHE_ENTRIES:])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -531,8 +592,8 @@ def knowledge_for(key: str, path: Path | None) -> Knowledge:
     if entry:
         for n, ctx, seconds in entry["costs"]:
             knowledge.costs.add(int(n), float(ctx), float(seconds))
-        if entry.get("draft") is not None:
-            knowledge.add_draft(float(entry["draft"]))
+        for n, seconds in entry.get("draft") or []:
+            knowledge.add_draft(float(seconds), int(n))
     _PROCESS[key] = knowledge
     while len(_PROCESS) > PROCESS_ENTRIES:
         _PROCESS.popitem(last=False)

@@ -20,7 +20,7 @@ from .drafter import ContextWindow, Drafter, context_window
 from .sampling import log_softmax
 from .target import Target
 from .validation import check_tree_budget, finite, integer
-from .lookup import continuation
+from .lookup import Lookup
 from .tree import DraftTree, best_first, chain, graft, root_only, walk
 
 MODES = ("treeflash", "marginal", "chain", "ar")
@@ -320,6 +320,7 @@ class DrafterDrafting(Drafting):
         self.mode = opts.mode
         self.capture = list(drafter.args.target_layer_ids)
         self.head = make_head(drafter, target)  # the sub-vocabulary's rows are gathered once, not per round
+        self.lookup = Lookup(opts.lookup, opts.lookup_match) if opts.lookup else None
 
     def make_cache(self) -> list:
         return self.drafter.make_cache(self.opts.window, self.opts.sinks)
@@ -343,11 +344,11 @@ class DrafterDrafting(Drafting):
     def start(self, history: Sequence[int], cache: list, timer=untimed):
         """The drafter's graph, started, and the context's copy for the tree (empty when off or none)."""
         arrays = start_draft(self.drafter, self.target, int(history[-1]), cache, self.opts, timer, self.head)
-        return arrays, self._copy(history, self.opts)
+        return arrays, self._copy(history)
 
-    @staticmethod
-    def _copy(history: Sequence[int], opts: DraftOptions) -> np.ndarray:
-        return continuation(np.asarray(history), opts.lookup, opts.lookup_match) if opts.lookup else np.zeros(0, np.int64)
+    def _copy(self, history: Sequence[int]) -> np.ndarray:
+        """The copy from the context after ``history`` (``lookup.Lookup``); empty when copies are off."""
+        return self.lookup(history) if self.lookup else np.zeros(0, np.int64)
 
     def finish(self, root: int, pending, timer=untimed) -> DraftTree:
         """The drafted tree; a copy from the context replaces its lowest-scored nodes (``tree.graft``), and in
@@ -397,6 +398,7 @@ class AutoDrafting(DrafterDrafting):
         self._defer = False  # the round just verified did not draft: its context features can wait
         self._decided: bool | None = None  # the next round's draft-or-not, decided early by ``plain_ahead``
         self._deferred: tuple[list, list[mx.array]] | None = None  # (drafter cache, features waiting for it)
+        self._waiting = 0  # the positions those features hold
         self._last_end: float | None = None  # when the last round of this generation ended (``observe``)
         self._flushed = 0.0  # seconds this round spent appending what plain steps deferred: their cost, not its
 
@@ -417,10 +419,11 @@ class AutoDrafting(DrafterDrafting):
             return super().append_context(features, cache)
         self._defer = False
         if self._deferred is None or self._deferred[0] is not cache:
-            self._deferred = (cache, [])
+            self._deferred, self._waiting = (cache, []), 0
         mx.async_eval(features)
         self._deferred[1].append(features)
-        if sum(f.shape[0] for f in self._deferred[1]) >= self.DEFER_LIMIT:
+        self._waiting += features.shape[0]
+        if self._waiting >= self.DEFER_LIMIT:
             self._flush(cache)
 
     def end(self, cache: list) -> None:
@@ -432,7 +435,7 @@ class AutoDrafting(DrafterDrafting):
         self._deferred = None
 
     def start(self, history: Sequence[int], cache: list, timer=untimed) -> _Pending:
-        copy = self._copy(history, self.opts)
+        copy = self._copy(history)
         decided, self._decided = self._decided, None
         if decided is None:
             decided = self.tuner.wants_draft(len(history), np.arange(1, len(copy) + 1))
@@ -460,7 +463,7 @@ class AutoDrafting(DrafterDrafting):
         """The tuner's draft-or-not for the round after the next, from ``history`` (one token short of that
         round's own): a plain step where it would not draft nor verify a copy from the context. Otherwise the
         decision is kept for that round's ``start``, so that the tuner's backoff counts each round once."""
-        copy = self._copy(history, self.opts)
+        copy = self._copy(history)
         self._decided = self.tuner.wants_draft(len(history) + 1, np.arange(1, len(copy) + 1))
         if self._decided or (len(copy) and not self._root_alone()):
             return False
@@ -517,7 +520,7 @@ class AutoDrafting(DrafterDrafting):
             accepted = (*scored, on_path[1:kept], tree.depths[kept:], on_path[kept:])
         drafted = draft_seconds is not None
         self.tuner.observe(len(tree), drafted, len(path), context, draft_seconds or 0.0, verify_seconds, accepted,
-                           host)
+                           host, tree.copied)
         self._save()
 
     def check_budget(self, context: int) -> None:
