@@ -43,7 +43,7 @@ PROBES = (4, 16, 64)  # verified once each early on, where no cost is known yet 
 # target, a slow drafter), so that the looks take at most LOOK_SHARE of the time; never more than MAX_BACKOFF.
 MIN_LOOK_GAP = 32
 MAX_BACKOFF = 512
-LOOK_SHARE = 0.03
+LOOK_SHARE = 0.02
 
 
 class CostModel:
@@ -477,15 +477,17 @@ class Tuner:
         return chosen
 
     def observe(self, size: int, drafted: bool, tokens: int, ctx: int, draft_seconds: float, verify_seconds: float,
-                accepted: tuple | None = None, host_seconds: float = float("nan"), copied: int = 0) -> None:
+                accepted: tuple | None = None, host_seconds: float = float("nan"), copied: int = 0,
+                rounds: int = 1) -> None:
         """A verified round: ``size`` nodes (``copied`` of them from the context), ``tokens`` committed, its
         timings (``draft_seconds`` 0 for a plain step; ``host_seconds`` a tree round's host work, NaN for a plain
         step or where not timed) and, for a tree round, ``accepted`` = (logp, depths, accepted) of its drafted nodes and (positions, accepted) of its
-        copied ones, for ``Acceptance.observe``."""
+        copied ones, for ``Acceptance.observe``. Plain steps may come as ``rounds`` steps at once, timed as their
+        mean."""
         k = self.knowledge
-        self.chosen[size] += 1
+        self.chosen[size] += rounds
         if not drafted:
-            self.plain_steps += 1
+            self.plain_steps += rounds
         if accepted is not None or drafted or size > 1:  # (what kept plans of a copy alone depend on)
             self._alone_key = None
         if accepted is not None:

@@ -303,9 +303,10 @@ class Drafting:
         step before it waits for the last one's token. Plain decoding: always."""
         return True
 
-    def observe_plain(self, context: int, seconds: float) -> None:
-        """Called for each plain step the loop ran ahead (``plain_ahead``), ``seconds`` from the token before
-        to its own, ``context`` the tokens before it."""
+    def observe_plain(self, context: int, seconds: float | None = None, steps: int = 0) -> None:
+        """Called for each plain step the loop ran ahead (``plain_ahead``), ``context`` the tokens before it.
+        Every few steps, and at the last one of a run of them, ``seconds`` is their mean time over the last
+        ``steps`` steps (``speculative.plain_steps``); otherwise None."""
 
     def end(self, cache: list) -> None:
         """Called when a generation ends (or its caller stops it): the drafter ``cache`` must then hold the
@@ -470,11 +471,12 @@ class AutoDrafting(DrafterDrafting):
         self._decided = None
         return True
 
-    def observe_plain(self, context: int, seconds: float) -> None:
+    def observe_plain(self, context: int, seconds: float | None = None, steps: int = 0) -> None:
         self._defer = True  # its context features wait for the next drafted round (``append_context``)
-        self.tuner.observe(1, False, 1, context, 0.0, seconds)
-        self._last_end = time.perf_counter()
-        self._save()
+        if steps:
+            self.tuner.observe(1, False, 1, context, 0.0, seconds, rounds=steps)
+            self._last_end = time.perf_counter()
+            self._save()
 
     def _save(self) -> None:
         """Write what was learnt to the cache file, when it is due (``Tuner.wants_saving``)."""

@@ -28,6 +28,7 @@ from .tree import root_only
 from .validation import integer, stop_strings as _stop_strings, token_ids
 
 PREFILL_STEP = 2048
+PLAIN_TIMED = 8  # plain steps timed together (``plain_steps``)
 
 
 @dataclass
@@ -176,12 +177,16 @@ def plain_steps(target: Target, cache: PromptCache, drafting: Drafting, sampler:
     round index; the loop goes on from there. The step started ahead of a stop token is not wasted: its K/V (and
     features) hold that token, which the cache then holds too, as mlx-lm's holds the step it computed ahead."""
     capture = drafting.capture
+    # The steps are timed together, PLAIN_TIMED at a time and from before the first one is built: one step's own
+    # time depends on where the model work fell (the first waits for two steps, the last for none), a run's not.
+    tic, untimed = time.perf_counter(), 0
     step = plain_step(target, cache, capture, mx.array(history[-1:]), sampler, keys)
-    tic = time.perf_counter()
     while True:
         try:
             yield new
         except GeneratorExit:  # the step under way holds history[-1]: the cache keeps it
+            if untimed:  # (counted, not timed: the time includes the caller's stopping)
+                drafting.observe_plain(len(history) - 1, float("nan"), untimed)
             cache.tokens.append(history[-1])
             if capture:
                 drafting.append_context(step.features, cache.drafter)
@@ -192,9 +197,13 @@ def plain_steps(target: Target, cache: PromptCache, drafting: Drafting, sampler:
         ahead = (limit is None or emitted + 1 < limit) and drafting.plain_ahead(history)
         following = plain_step(target, cache, capture, step.token, sampler, keys) if ahead else None
         token = check_token(int(step.token.item()), target.vocab_size)
-        now = time.perf_counter()
-        drafting.observe_plain(len(history), now - tic)
-        tic = now
+        untimed += 1
+        if following is None or token in stop_tokens or untimed == PLAIN_TIMED:
+            now = time.perf_counter()
+            drafting.observe_plain(len(history), (now - tic) / untimed, untimed)
+            tic, untimed = now, 0
+        else:
+            drafting.observe_plain(len(history))
         if capture:
             drafting.append_context(step.features, cache.drafter)
         round_index += 1
