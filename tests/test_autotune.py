@@ -181,6 +181,22 @@ def test_a_drafter_that_never_matches_falls_back_to_plain_steps():
     assert drafted >= 400 / (tuner.knowledge.backoff + 1), "it still looks, now and then, whether drafting pays"
 
 
+def test_the_gap_goes_straight_to_its_cap_where_drafting_is_far_behind_and_doubles_where_it_is_close():
+    """A drafter that never matches and costs two plain steps (far behind them): after its first losing look the
+    next one waits the longest gap at once, rather than 1, 2, 4, ... rounds. One that costs a fifth of a step
+    loses narrowly (the tree's verification costs more than a plain step): looked at again soon."""
+    first_gap = {}
+    for name, draft in (("far", 0.02), ("close", 0.002)):
+        knowledge = Knowledge()
+        tuner = Tuner(knowledge)
+        gaps = []
+        real_wants = tuner.wants_draft
+        tuner.wants_draft = lambda ctx, *a: (real_wants(ctx, *a), gaps.append(knowledge.backoff))[0]
+        run_tuner(tuner, lambda logp, d: np.zeros(len(logp)), 200, np.random.default_rng(3), draft=draft)
+        first_gap[name] = next(g for g in gaps if g > 1)
+    assert first_gap["far"] >= autotune.MIN_LOOK_GAP and first_gap["close"] == 2, first_gap
+
+
 def test_a_stalled_timing_of_the_root_alone_does_not_rule_plain_steps_out():
     """The probe that times the root alone stalls (kernels compiled for its shapes, another process): a tree can
     never cost less than its root, so plain steps still win against a drafter that never matches, and their own

@@ -44,6 +44,8 @@ PROBES = (4, 16, 64)  # verified once each early on, where no cost is known yet 
 MIN_LOOK_GAP = 32
 MAX_BACKOFF = 512
 LOOK_SHARE = 0.02
+FAR_BEHIND = 0.5  # drafting at under this share of the undrafted rate: the gap goes straight to its cap (an
+# untrained drafter, text far from the drafter's training), rather than doubling from one round
 
 
 class CostModel:
@@ -295,7 +297,7 @@ class Knowledge:
     acceptance: Acceptance = field(default_factory=Acceptance)
     drafts: dict = field(default_factory=dict)  # draft size → deque of its last drafting times, seconds
     hosts: deque = field(default_factory=lambda: deque(maxlen=31))  # the last tree rounds' host work, seconds
-    drafted: tuple[float, float] | None = None  # EMA of (tokens committed, seconds predicted) of drafted rounds
+    drafted: tuple[float, float] | None = None  # EMA of (tokens expected, seconds predicted) of drafted rounds' plans
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
     backoff: int = 1  # plain steps between two drafted rounds while drafting loses (``Tuner.wants_draft``)
 
@@ -403,10 +405,11 @@ class Tuner:
         """Draft this round, or not (a plain step, or the copy from the context alone, at ``copy_positions``).
 
         Not while drafted rounds gave fewer tokens per second than this round's best plan without drafting is
-        expected to. The drafted rounds' tokens are those committed (no calibration lag), their seconds those
-        the fitted costs predict for their plans: one round's timing on a busy machine is noise. While
-        drafting loses, a round drafts anyway after ``backoff`` rounds (doubled each time it still loses) to see
-        whether the text has changed."""
+        expected to. The drafted rounds' tokens are those their plans expected (the calibrated acceptance: the
+        tokens one round commits vary too much to go by), their seconds those the fitted costs predict for
+        their plans (one round's timing on a busy machine is noise). While
+        drafting loses, a round drafts anyway after ``backoff`` rounds (doubled each time it still loses, or
+        straight to ``look_gap`` where drafting is ``FAR_BEHIND``) to see whether the text has changed."""
         k = self.knowledge
         self.alone = None
         if self.timed and not k.costs.count(1):  # the root alone has no cost yet: a plain step times it
@@ -423,7 +426,8 @@ class Tuner:
             self.plain_streak, k.backoff = 0, 1
             return True
         if self.plain_streak >= k.backoff:
-            self.plain_streak, k.backoff = 0, min(2 * k.backoff, self.look_gap(alone))
+            far = k.drafted_rate < FAR_BEHIND * alone.expected / alone.seconds
+            self.plain_streak, k.backoff = 0, self.look_gap(alone) if far else min(2 * k.backoff, self.look_gap(alone))
             return True
         self.plain_streak += 1
         return False
