@@ -197,6 +197,41 @@ def test_the_gap_goes_straight_to_its_cap_where_drafting_is_far_behind_and_doubl
     assert first_gap["far"] >= autotune.MIN_LOOK_GAP and first_gap["close"] == 2, first_gap
 
 
+def run_copies(tuner, matches, rounds, length=7, ctx=100):
+    """Rounds without drafting (it never pays here) where the context always offers a copy of ``length`` tokens,
+    all accepted if ``matches`` else none; returns how many rounds verified the copy."""
+    verified = 0
+    for _ in range(rounds):
+        positions = np.arange(1, length + 1)
+        drafted = tuner.wants_draft(ctx, positions)  # (only the drafting looks: a drafter that never matches)
+        if not drafted and tuner.alone.size == 1:
+            tuner.observe(1, False, 1, ctx, 0.0, true_cost(1, ctx))
+            continue
+        logp, depths = (np.full(7, -9.0), np.arange(1, 8)) if drafted else (np.zeros(0), np.zeros(0, np.int64))
+        p = tuner.choose(logp, depths, positions, ctx, 0.05 if drafted else None)
+        kept = p.size - p.copied - 1
+        hit = np.arange(p.copied) < (p.copied if matches else 0)
+        tuner.observe(p.size, drafted, 1 + int(hit.sum()), ctx, 0.05 * drafted, true_cost(p.size, ctx),
+                      (logp[:kept], depths[:kept], np.zeros(kept, bool), positions[: p.copied], hit), 0.001)
+        verified += p.copied > 0
+    return verified
+
+
+def test_copies_that_failed_are_looked_at_again_and_taken_up_when_they_match():
+    """The copies' calibration learns only from copies verified: after copies failed, one is still verified now
+    and then (a copy look, LOOK_SHARE of the time at most), so that copies which match again are taken up."""
+    tuner = Tuner(Knowledge())
+    tuner.warm = tuner.timed = True
+    tuner.probes = []
+    for n in CANDIDATES:
+        tuner.knowledge.costs.add(n, 100, true_cost(n, 100))
+    tuner.knowledge.drafted = (1.0, 0.05)  # drafting gives 20 tokens/s against a plain step's 100: no drafting
+    failing = run_copies(tuner, False, 1000)
+    assert 0 < failing < 0.05 * 1000, "failing copies are verified, but seldom"
+    assert tuner.knowledge.copy_backoff >= autotune.MIN_LOOK_GAP
+    assert run_copies(tuner, True, 300) > 200, "copies that match again are taken up"
+
+
 def test_a_stalled_timing_of_the_root_alone_does_not_rule_plain_steps_out():
     """The probe that times the root alone stalls (kernels compiled for its shapes, another process): a tree can
     never cost less than its root, so plain steps still win against a drafter that never matches, and their own

@@ -300,6 +300,7 @@ class Knowledge:
     drafted: tuple[float, float] | None = None  # EMA of (tokens expected, seconds predicted) of drafted rounds' plans
     recent: deque = field(default_factory=lambda: deque(maxlen=16))  # the budgets the last drafted rounds chose
     backoff: int = 1  # plain steps between two drafted rounds while drafting loses (``Tuner.wants_draft``)
+    copy_backoff: int = 1  # undrafted rounds with a copy between two copies verified while copies lose (``Tuner``)
 
     def add_draft(self, seconds: float, size: int = max(CANDIDATES)) -> None:
         """A drafting time of a round drafted for trees of up to ``size`` nodes."""
@@ -357,6 +358,8 @@ class Tuner:
         self.warm = bool(self.knowledge.costs.count(1))
         self.timed = False
         self.plain_streak = 0
+        self.copy_streak = 0  # undrafted rounds since a copy was last verified, of those that had one
+        self.copy_look: Plan | None = None  # a copy verified against the model's choice, to see whether copies pay
         self.capped = False  # the last drafted round chose all its draft could give
         self._planned = float("nan")  # the seconds the last plan predicted
         self._expected = float("nan")  # and the tokens it expected
@@ -411,7 +414,7 @@ class Tuner:
         drafting loses, a round drafts anyway after ``backoff`` rounds (doubled each time it still loses, or
         straight to ``look_gap`` where drafting is ``FAR_BEHIND``) to see whether the text has changed."""
         k = self.knowledge
-        self.alone = None
+        self.alone = self.copy_look = None
         if self.timed and not k.costs.count(1):  # the root alone has no cost yet: a plain step times it
             self.alone = Plan(1, 0, 1.0, float("nan"))
             return False
@@ -430,7 +433,28 @@ class Tuner:
             self.plain_streak, k.backoff = 0, self.look_gap(alone) if far else min(2 * k.backoff, self.look_gap(alone))
             return True
         self.plain_streak += 1
+        if len(copy_positions):
+            self.alone = self._copy_look(alone, len(copy_positions))
         return False
+
+    def _copy_look(self, alone: Plan, length: int) -> Plan:
+        """``alone``, or now and then, while copies from the context do not pay, the whole copy (a copy look).
+        The copies' calibration learns only from the copies verified: without looks, one copy that failed early
+        could rule copies out for the rest of a run, however well they would match later (an untrained drafter's
+        greedy text repeats itself, and copies gave it 1.3x plain decoding). The looks are spaced as the drafted
+        ones are: the gap doubles while copies still lose, up to a cost of LOOK_SHARE of the time."""
+        k = self.knowledge
+        if alone.copied:  # copies pay, as the model sees them
+            self.copy_streak, k.copy_backoff = 0, 1
+            return alone
+        if self.copy_streak < k.copy_backoff:
+            self.copy_streak += 1
+            return alone
+        look = Plan(min(length + 1, self.max_size), min(length, self.max_size - 1), float("nan"), float("nan"))
+        extra = max((self.knowledge.costs.cost(look.size, 0.0) + k.host_seconds) / alone.seconds - 1.0, 0.0)
+        gap = int(np.clip(np.ceil(extra / LOOK_SHARE), MIN_LOOK_GAP, MAX_BACKOFF))
+        self.copy_streak, k.copy_backoff, self.copy_look = 0, min(2 * k.copy_backoff, gap), look
+        return look
 
     CTX_DRIFT = 64  # context tokens after which a kept plan of a copy alone is made again
 
@@ -462,7 +486,11 @@ class Tuner:
         nodes a copy would add."""
         k = self.knowledge
         self._planned = float("nan")  # (stays so for the warm-up and the probes: no choice of the model's)
+        look, self.copy_look = self.copy_look, None
         if draft_seconds is None:
+            if look is not None and len(copy_positions):  # (``wants_draft`` chose to look at the copy)
+                return Plan(min(look.size, len(copy_positions) + 1), min(look.copied, len(copy_positions)),
+                            float("nan"), float("nan"))
             draft_seconds = 0.0
         elif self.timed and self.probes:  # (the first round is not timed: no probe there)
             n = self.probes.pop(0)
