@@ -44,6 +44,8 @@ PROBES = (4, 16, 64)  # verified once each early on, where no cost is known yet 
 MIN_LOOK_GAP = 32
 MAX_BACKOFF = 512
 LOOK_SHARE = 0.02
+COPY_LOOK_SHARE = LOOK_SHARE / 2  # the same for the copies verified while copies lose (``Tuner._copy_look``):
+# together the looks take at most 3% of the time
 FAR_BEHIND = 0.5  # drafting at under this share of the undrafted rate: the gap goes straight to its cap (an
 # untrained drafter, text far from the drafter's training), rather than doubling from one round
 
@@ -442,7 +444,7 @@ class Tuner:
         The copies' calibration learns only from the copies verified: without looks, one copy that failed early
         could rule copies out for the rest of a run, however well they would match later (an untrained drafter's
         greedy text repeats itself, and copies gave it 1.3x plain decoding). The looks are spaced as the drafted
-        ones are: the gap doubles while copies still lose, up to a cost of LOOK_SHARE of the time."""
+        ones are: the gap doubles while copies still lose, up to a cost of COPY_LOOK_SHARE of the time."""
         k = self.knowledge
         if alone.copied:  # copies pay, as the model sees them
             self.copy_streak, k.copy_backoff = 0, 1
@@ -452,7 +454,7 @@ class Tuner:
             return alone
         look = Plan(min(length + 1, self.max_size), min(length, self.max_size - 1), float("nan"), float("nan"))
         extra = max((self.knowledge.costs.cost(look.size, 0.0) + k.host_seconds) / alone.seconds - 1.0, 0.0)
-        gap = int(np.clip(np.ceil(extra / LOOK_SHARE), MIN_LOOK_GAP, MAX_BACKOFF))
+        gap = int(np.clip(np.ceil(extra / COPY_LOOK_SHARE), MIN_LOOK_GAP, MAX_BACKOFF))
         self.copy_streak, k.copy_backoff, self.copy_look = 0, min(2 * k.copy_backoff, gap), look
         return look
 
@@ -513,9 +515,9 @@ class Tuner:
                 rounds: int = 1) -> None:
         """A verified round: ``size`` nodes (``copied`` of them from the context), ``tokens`` committed, its
         timings (``draft_seconds`` 0 for a plain step; ``host_seconds`` a tree round's host work, NaN for a plain
-        step or where not timed) and, for a tree round, ``accepted`` = (logp, depths, accepted) of its drafted nodes and (positions, accepted) of its
-        copied ones, for ``Acceptance.observe``. Plain steps may come as ``rounds`` steps at once, timed as their
-        mean."""
+        step or where not timed) and, for a tree round, ``accepted`` = (logp, depths, accepted) of its drafted
+        nodes and (positions, accepted) of its copied ones, for ``Acceptance.observe``. Plain steps may come as
+        ``rounds`` steps at once, timed as their mean."""
         k = self.knowledge
         self.chosen[size] += rounds
         if not drafted:
@@ -524,6 +526,9 @@ class Tuner:
             self._alone_key = None
         if accepted is not None:
             k.acceptance.observe(*accepted)
+        if not drafted and size > 1 and k.costs.count(1):  # a copy alone: did it beat a plain step? Then copies
+            if tokens * k.costs.cost(1, ctx) >= k.costs.cost(size, ctx) + k.host_seconds:  # may pay again: look
+                k.copy_backoff = 1  # soon (``_copy_look``)
         if not self.timed:  # the first round pays for warming up: not a cost to learn
             self.warm = self.timed = True
             return
