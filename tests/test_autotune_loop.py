@@ -68,7 +68,7 @@ class Rigged(AutoDrafting):
         return tree
 
 
-def rigged_runs(tokenizer, right: bool):
+def rigged_runs(tokenizer, right: bool, processors=None):
     target = tiny_target("qwen3", seed=5)
     drafter, taus, drafting = tiny_drafter(target), [], None
     reports = []
@@ -77,7 +77,8 @@ def rigged_runs(tokenizer, right: bool):
         drafting = Rigged(target, drafter, prompt + reference, right) if drafting is None else drafting
         drafting.truth = prompt + reference
         drafting.tuner = autotune.Tuner(drafting.tuner.knowledge, 64)  # a new generation, what was learnt kept
-        responses = list(stream_generate(target, tokenizer, prompt, 60, drafter=drafting))
+        responses = list(stream_generate(target, tokenizer, prompt, 60, drafter=drafting,
+                                         logits_processors=processors))
         assert [r.token for r in responses] == reference
         taus += list({r.round: r.acceptance_length for r in responses if r.round}.values())
         reports.append(drafting.tuner.report())
@@ -92,8 +93,11 @@ def test_a_drafter_that_never_matches_gives_way_to_plain_steps(tokenizer):
         "the drafted rounds left shrink their trees too"
 
 
-def test_a_drafter_that_always_matches_drafts_deep_trees(tokenizer):
-    taus, reports = rigged_runs(tokenizer, right=True)
+@pytest.mark.parametrize("processors", [None, [lambda tokens, logits: logits]], ids=["", "logits processor"])
+def test_a_drafter_that_always_matches_drafts_deep_trees(tokenizer, processors):
+    """Also where plain steps cannot run ahead (a logits processor reads each token; a sharded target): their
+    rounds then time the root alone, which the tuner needs before it drafts."""
+    taus, reports = rigged_runs(tokenizer, right=True, processors=processors)
     assert reports[-1]["plain_step_fraction"] < 0.2, reports
     assert np.mean(taus) > 3
 

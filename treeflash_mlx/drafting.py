@@ -512,7 +512,9 @@ class AutoDrafting(DrafterDrafting):
         host = float("nan") if self._last_end is None else \
             now - self._last_end - (draft_seconds or 0.0) - verify_seconds - self._flushed
         self._last_end, self._flushed = now, 0.0
-        if len(tree) == 1:  # the root alone after a tree round's work: not what a plain step costs
+        if len(tree) == 1 and draft_seconds is None:  # a plain step that the loop could not run ahead (logits
+            verify_seconds, host = verify_seconds + host, float("nan")  # processors, a sharded target): all of it
+        elif len(tree) == 1:  # the root alone after a tree round's work: not what a plain step costs
             verify_seconds = float("nan")  # (``Tuner``: size 1 is priced by plain steps only)
         accepted = None
         if len(tree) - tree.copied == len(scored[0]) + 1:  # (not cut by a K/V quantization switch)
