@@ -276,6 +276,12 @@ class Plan:
     seconds: float  # predicted D + V
 
 
+def _gap(extra: float, share: float) -> int:
+    """The longest gap between two looks that cost ``extra`` rounds each (beyond the rounds they replace), for
+    the looks to take at most ``share`` of the time: between MIN_LOOK_GAP and MAX_BACKOFF."""
+    return int(np.clip(np.ceil(max(extra, 0.0) / share), MIN_LOOK_GAP, MAX_BACKOFF))
+
+
 def plan(tree_gains: np.ndarray, copy_gains: np.ndarray, costs: CostModel, ctx: int, draft_seconds: float,
          candidates=CANDIDATES, host_seconds: float = 0.0) -> Plan:
     """The candidate budget with the most expected tokens per second; size 1 (the root alone) is always one.
@@ -431,8 +437,8 @@ class Tuner:
             self.plain_streak, k.backoff = 0, 1
             return True
         if self.plain_streak >= k.backoff:
-            far = k.drafted_rate < FAR_BEHIND * alone.expected / alone.seconds
-            self.plain_streak, k.backoff = 0, self.look_gap(alone) if far else min(2 * k.backoff, self.look_gap(alone))
+            far, gap = k.drafted_rate < FAR_BEHIND * alone.expected / alone.seconds, self.look_gap(alone)
+            self.plain_streak, k.backoff = 0, gap if far else min(2 * k.backoff, gap)
             return True
         self.plain_streak += 1
         if len(copy_positions):
@@ -453,8 +459,7 @@ class Tuner:
             self.copy_streak += 1
             return alone
         look = Plan(min(length + 1, self.max_size), min(length, self.max_size - 1), float("nan"), float("nan"))
-        extra = max((self.knowledge.costs.cost(look.size, 0.0) + k.host_seconds) / alone.seconds - 1.0, 0.0)
-        gap = int(np.clip(np.ceil(extra / COPY_LOOK_SHARE), MIN_LOOK_GAP, MAX_BACKOFF))
+        gap = _gap((k.costs.cost(look.size, 0.0) + k.host_seconds) / alone.seconds - 1.0, COPY_LOOK_SHARE)
         self.copy_streak, k.copy_backoff, self.copy_look = 0, min(2 * k.copy_backoff, gap), look
         return look
 
@@ -478,8 +483,7 @@ class Tuner:
     def look_gap(self, alone: Plan) -> int:
         """The longest gap between two looks: a look costs a drafted round (the fitted seconds of the drafted
         rounds) in place of ``alone``, the best round without drafting; it may take LOOK_SHARE of the time."""
-        extra = max(self.knowledge.drafted[1] / alone.seconds - 1.0, 0.0)  # a look's cost, in undrafted rounds
-        return int(np.clip(np.ceil(extra / LOOK_SHARE), MIN_LOOK_GAP, MAX_BACKOFF))
+        return _gap(self.knowledge.drafted[1] / alone.seconds - 1.0, LOOK_SHARE)
 
     def choose(self, tree_logp: np.ndarray, tree_depths: np.ndarray, copy_positions: np.ndarray, ctx: int,
                draft_seconds: float | None) -> Plan:
